@@ -1,0 +1,33 @@
+# llmdpd-pl: every command a user needs, one target each.
+PYTHON ?= python3
+# The CPU wheel of this version sits on the project machines; anything looser pulls GBs of CUDA.
+# GPU users: install your CUDA build of torch first (it is then kept), or override TORCH_SPEC.
+TORCH_SPEC ?= torch==2.13.0
+DATA_DIR ?= data
+
+.PHONY: help install test lint smoke demo collect fit-cpu test-cpu bench
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install:  ## install torch (CPU wheel unless one is present) and the package with dev extras
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:  ## run the test suite
+	$(PYTHON) -m pytest -q tests
+
+lint:  ## ruff + mypy
+	$(PYTHON) -m ruff check llmdpd_pl tests benchmarks
+	$(PYTHON) -m mypy llmdpd_pl
+
+smoke: install  ## collect + fit the tiny CPU config
+	llmdpd collect --config configs/smoke.yaml
+	llmdpd fit --config configs/smoke.yaml
+
+demo: install  ## the CPU demonstration end to end: collect, fit, test
+	llmdpd collect --config configs/smoke.yaml
+	llmdpd fit --config configs/smoke.yaml
+
+bench:  ## benchmarks (write JSON next to themselves)
+	$(PYTHON) benchmarks/train_step.py

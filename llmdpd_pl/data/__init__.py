@@ -1,0 +1,1 @@
+"""Data: task prompts, offline dataset collection (Minari), the LLM embedding cache, the datamodule."""

@@ -1,0 +1,335 @@
+"""``llmdpd collect``: offline Meta-World datasets from the scripted policies, stored as Minari (HDF5).
+
+Per task two Minari datasets are written under ``root`` (the ``MINARI_DATASETS_PATH`` layout):
+
+- ``llmdpd/<task>/train-v<version>``: mixed-quality training data (seen tasks only), one block of
+  episodes per :class:`QualityLevel` (expert: little noise; medium: large noise and ε-random actions;
+  random: uniform actions);
+- ``llmdpd/<task>/prompts-v<version>``: a few behaviour-policy episodes used only as trajectory prompts,
+  for seen *and* unseen tasks. They are never mixed into training data.
+
+A dataset is written into a staging folder and moved into place only when complete, so an
+interrupted run (even ``kill -9``) never leaves a dataset that passes as complete. Complete datasets
+are reused. Each dataset folder holds ``llmdpd.json``: the spec it was built from and per-episode
+metadata (level, seed, success, return, length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from llmdpd_pl.envs import check_task_names
+
+Kind = Literal["train", "prompts"]
+METADATA_FILE = "llmdpd.json"
+
+
+@dataclass(frozen=True)
+class QualityLevel:
+    """One quality level of the behaviour policy: the scripted expert plus noise.
+
+    Args:
+        episodes: Episodes collected at this level, per task.
+        noise_std: Std of the Gaussian noise added to the expert's action.
+        random_prob: Probability ε of replacing the action by a uniform random one, per step.
+    """
+
+    episodes: int
+    noise_std: float = 0.0
+    random_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.episodes < 0:
+            raise ValueError(f"episodes must be >= 0, got {self.episodes}")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        if not 0.0 <= self.random_prob <= 1.0:
+            raise ValueError(f"random_prob must be in [0, 1], got {self.random_prob}")
+
+
+def default_levels() -> dict[str, QualityLevel]:
+    """Mixed quality, so that Q-learning has something to improve on over behaviour cloning."""
+    return {
+        "expert": QualityLevel(episodes=50, noise_std=0.1),
+        "medium": QualityLevel(episodes=50, noise_std=0.5, random_prob=0.3),
+        "random": QualityLevel(episodes=25, random_prob=1.0),
+    }
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where the offline data lives and how it is generated.
+
+    Args:
+        root: Folder of the Minari datasets (``MINARI_DATASETS_PATH`` layout).
+        version: Dataset version ``v<version>`` in the ids. Bump it when you change the spec:
+            a dataset id is never overwritten.
+        seed: Base seed; every (task, kind) derives its own env-layout and noise seeds from it.
+        levels: Quality levels of the training data (name → level).
+        prompt_episodes: Trajectory-prompt episodes per task.
+        prompt_noise_std: Action-noise std of the prompt behaviour policy.
+        max_episode_steps: Episode length (Meta-World truncates at 500).
+        workers: Worker processes for collection (one job per task and kind).
+    """
+
+    root: str = "data/minari"
+    version: int = 0
+    seed: int = 0
+    levels: dict[str, QualityLevel] = field(default_factory=default_levels)
+    prompt_episodes: int = 5
+    prompt_noise_std: float = 0.1
+    max_episode_steps: int = 500
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.version < 0:
+            raise ValueError(f"data.dataset.version must be >= 0, got {self.version}")
+        if self.prompt_episodes < 1:
+            raise ValueError(f"data.dataset.prompt_episodes must be >= 1, got {self.prompt_episodes}")
+        if not 1 <= self.max_episode_steps <= 500:
+            raise ValueError(f"data.dataset.max_episode_steps must be in [1, 500], got {self.max_episode_steps}")
+        if self.workers < 1:
+            raise ValueError(f"data.dataset.workers must be >= 1, got {self.workers}")
+        if sum(lv.episodes for lv in self.levels.values()) < 1:
+            raise ValueError(f"data.dataset.levels: need at least one episode in total, got {self.levels}")
+
+    def dataset_id(self, task: str, kind: Kind) -> str:
+        return f"llmdpd/{task}/{kind}-v{self.version}"
+
+    def path(self, task: str, kind: Kind) -> Path:
+        return Path(self.root) / self.dataset_id(task, kind)
+
+    def levels_for(self, kind: Kind) -> dict[str, QualityLevel]:
+        if kind == "prompts":
+            return {"prompt": QualityLevel(self.prompt_episodes, noise_std=self.prompt_noise_std)}
+        return dict(self.levels)
+
+    def recipe(self, kind: Kind) -> dict[str, Any]:
+        """Everything that changes a dataset's content; stored with it and checked on reuse."""
+        levels = {name: asdict(level) for name, level in self.levels_for(kind).items()}
+        return {"seed": self.seed, "max_episode_steps": self.max_episode_steps, "levels": levels}
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (Python's ``hash`` is salted per process)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The ``llmdpd.json`` of a complete dataset, or a ``ValueError`` that says what is wrong."""
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file():
+        raise ValueError(
+            f"dataset at {path} is missing or incomplete (no {METADATA_FILE}); run `llmdpd collect` first"
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"dataset at {path}: corrupt {METADATA_FILE} ({err}); delete the folder and re-collect")
+    if not isinstance(meta, dict) or "recipe" not in meta or "episodes" not in meta:
+        raise ValueError(f"dataset at {path}: {METADATA_FILE} lacks 'recipe'/'episodes'; delete and re-collect")
+    return meta
+
+
+def is_complete(spec: DatasetSpec, task: str, kind: Kind) -> bool:
+    """True if the dataset exists and was built from this spec; ``ValueError`` if built from another."""
+    path = spec.path(task, kind)
+    if not path.exists():
+        return False
+    meta = read_metadata(path)
+    if meta["recipe"] != spec.recipe(kind):
+        raise ValueError(
+            f"dataset {spec.dataset_id(task, kind)} at {path} was built from a different spec "
+            f"({meta['recipe']} != {spec.recipe(kind)}). Bump data.dataset.version or delete the folder."
+        )
+    return True
+
+
+@dataclass(frozen=True)
+class _Job:
+    task: str
+    kind: Kind
+    spec: DatasetSpec
+
+
+def _run_episode(
+    env: Any, expert: Any, level: QualityLevel, rng: np.random.Generator, max_steps: int
+) -> tuple[Any, dict[str, Any]]:
+    from minari.data_collector import EpisodeBuffer
+
+    obs, _ = env.reset()
+    observations, actions, rewards, successes = [obs], [], [], [0.0]
+    terminated = truncated = False
+    for t in range(max_steps):
+        if rng.random() < level.random_prob:
+            action = rng.uniform(-1.0, 1.0, size=4)
+        else:
+            action = expert(obs) + level.noise_std * rng.standard_normal(4)
+        action = np.clip(action, -1.0, 1.0).astype(np.float32)
+        obs, reward, terminated, truncated, info = env.step(action)
+        truncated = truncated or t == max_steps - 1
+        observations.append(obs)
+        actions.append(action)
+        rewards.append(float(reward))
+        successes.append(float(info["success"]))
+        if terminated or truncated:
+            break
+    n = len(actions)
+    buffer = EpisodeBuffer(
+        observations=np.asarray(observations),
+        actions=np.asarray(actions, dtype=np.float32),
+        rewards=np.asarray(rewards),
+        terminations=np.r_[np.zeros(n - 1, bool), terminated],
+        truncations=np.r_[np.zeros(n - 1, bool), truncated and not terminated],
+        infos={"success": np.asarray(successes)},
+    )
+    stats = {"success": bool(max(successes) > 0), "return": float(sum(rewards)), "length": n}
+    return buffer, stats
+
+
+def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
+    """Collect one (task, kind) dataset into a staging folder, then move it into place."""
+    import minari
+
+    from llmdpd_pl.envs import make_env, scripted_policy
+
+    warnings.filterwarnings("ignore", module="metaworld")
+    spec, task, kind = job.spec, job.task, job.kind
+    env_seed = derive_seed(spec.seed, task, kind)
+    env = make_env(task, seed=env_seed)
+    expert = scripted_policy(task)
+    buffers, episodes = [], []
+    for level_idx, (name, level) in enumerate(spec.levels_for(kind).items()):
+        rng = np.random.default_rng(derive_seed(spec.seed, task, kind, name))
+        for i in range(level.episodes):
+            buffer, stats = _run_episode(env, expert, level, rng, spec.max_episode_steps)
+            buffers.append(buffer)
+            episodes.append({"task": task, "level": name, "env_seed": env_seed, "index": i, **stats})
+            if progress is not None:
+                progress.put(1)
+    root = Path(spec.root)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        previous = os.environ.get("MINARI_DATASETS_PATH")
+        os.environ["MINARI_DATASETS_PATH"] = str(staging)
+        try:
+            minari.create_dataset_from_buffers(
+                dataset_id=spec.dataset_id(task, kind),
+                buffer=[b for b in buffers],
+                env=env,
+                algorithm_name=f"metaworld-scripted+noise ({kind})",
+                code_permalink="https://github.com/llmdpd-pl/llmdpd-pl",
+                author="llmdpd-pl",
+                description=f"Meta-World v3 {task}: {kind} data from the scripted policy with noise levels "
+                + ", ".join(f"{n}={asdict(lv)}" for n, lv in spec.levels_for(kind).items()),
+                data_format="hdf5",
+            )
+        finally:
+            if previous is None:
+                os.environ.pop("MINARI_DATASETS_PATH", None)
+            else:
+                os.environ["MINARI_DATASETS_PATH"] = previous
+        built = staging / spec.dataset_id(task, kind)
+        meta = {"task": task, "kind": kind, "recipe": spec.recipe(kind), "episodes": episodes}
+        (built / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+        final = spec.path(task, kind)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for ns_file in (staging / "llmdpd" / "namespace_metadata.json",):
+            if ns_file.exists() and not (root / "llmdpd" / ns_file.name).exists():
+                shutil.copy(ns_file, root / "llmdpd" / ns_file.name)
+        os.rename(built, final)  # atomic on one filesystem: the dataset appears complete or not at all
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        env.close()
+    return summarize(episodes, kind)
+
+
+def summarize(episodes: Sequence[Mapping[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """Rows of task × level → episodes, transitions, success rate, mean return."""
+    rows: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for ep in episodes:
+        rows.setdefault((ep["task"], ep["level"]), []).append(ep)
+    return [
+        {
+            "task": task,
+            "kind": kind,
+            "level": level,
+            "episodes": len(eps),
+            "transitions": int(sum(e["length"] for e in eps)),
+            "success_rate": float(np.mean([e["success"] for e in eps])),
+            "mean_return": float(np.mean([e["return"] for e in eps])),
+        }
+        for (task, level), eps in rows.items()
+    ]
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    header = f"{'task':<28}{'kind':<9}{'level':<8}{'episodes':>9}{'transitions':>12}{'success':>9}{'return':>10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['task']:<28}{r['kind']:<9}{r['level']:<8}{r['episodes']:>9}{r['transitions']:>12}"
+            f"{100 * r['success_rate']:>8.1f}%{r['mean_return']:>10.1f}"
+        )
+    return "\n".join(lines)
+
+
+def collect(
+    spec: DatasetSpec, train_tasks: Sequence[str], prompt_tasks: Sequence[str], progress: bool = True
+) -> list[dict[str, Any]]:
+    """Build every missing dataset; return the summary rows of all (new and reused) datasets.
+
+    Args:
+        spec: Dataset spec.
+        train_tasks: Tasks that need training data (the seen tasks).
+        prompt_tasks: Tasks that need trajectory prompts (seen and unseen).
+        progress: Show a tqdm bar over episodes.
+    """
+    check_task_names(train_tasks, "train_tasks")
+    check_task_names(prompt_tasks, "prompt_tasks")
+    wanted = [_Job(t, "train", spec) for t in train_tasks] + [_Job(t, "prompts", spec) for t in prompt_tasks]
+    todo = [job for job in wanted if not is_complete(spec, job.task, job.kind)]
+    total = sum(sum(lv.episodes for lv in spec.levels_for(j.kind).values()) for j in todo)
+    if todo:
+        bar = tqdm(total=total, desc="collect", unit="ep", disable=not progress)
+        if spec.workers == 1 or len(todo) == 1:
+            for job in todo:
+                _collect_job(job)
+                bar.update(sum(lv.episodes for lv in spec.levels_for(job.kind).values()))
+        else:
+            ctx = mp.get_context("spawn")
+            with ctx.Manager() as manager, ProcessPoolExecutor(min(spec.workers, len(todo)), ctx) as pool:
+                queue = manager.Queue()
+                futures = [pool.submit(_collect_job, job, queue) for job in todo]
+                done = 0
+                while done < total:
+                    if any(f.done() and f.exception() is not None for f in futures):
+                        break
+                    try:
+                        done += queue.get(timeout=1.0)
+                        bar.update(1)
+                    except Exception:  # queue.Empty through the manager proxy
+                        continue
+                for f in futures:
+                    f.result()  # re-raise a worker's error here
+        bar.close()
+    rows: list[dict[str, Any]] = []
+    for job in wanted:
+        rows += summarize(read_metadata(spec.path(job.task, job.kind))["episodes"], job.kind)
+    return rows

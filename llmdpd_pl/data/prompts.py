@@ -1,0 +1,53 @@
+"""Structured text prompts (paper Figure 1: Task / Objective / Constraints) for the 50 Meta-World tasks.
+
+The texts live in ``prompts.json`` next to this file, written for this project. A config can override
+a task's prompt or add prompts for new tasks through ``PromptedOfflineDataModule(prompts=...)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+
+DEFAULT_INSTRUCTION = "Convert the following task description into a structured policy representation."
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """One task's structured description."""
+
+    task: str
+    objective: str
+    constraints: str
+
+    def render(self) -> str:
+        """The text the LLM reads (after the instruction)."""
+        return f"Task: {self.task}\nObjective: {self.objective}\nConstraints: {self.constraints}"
+
+
+def _parse(name: str, entry: object, field: str) -> TextPrompt:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{field}[{name!r}]: expected a mapping with task/objective/constraints, got {entry!r}")
+    missing = [k for k in ("task", "objective", "constraints") if not str(entry.get(k, "")).strip()]
+    if missing:
+        raise ValueError(f"{field}[{name!r}]: missing or empty keys {missing}")
+    extra = sorted(set(entry) - {"task", "objective", "constraints"})
+    if extra:
+        raise ValueError(f"{field}[{name!r}]: unknown keys {extra}; allowed: task, objective, constraints")
+    return TextPrompt(str(entry["task"]), str(entry["objective"]), str(entry["constraints"]))
+
+
+def load_prompts(overrides: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, TextPrompt]:
+    """The packaged prompts, with ``overrides`` (task name → fields) replacing or adding entries."""
+    raw = json.loads(resources.files(__package__).joinpath("prompts.json").read_text())
+    prompts = {name: _parse(name, entry, "prompts.json") for name, entry in raw.items()}
+    for name, entry in (overrides or {}).items():
+        prompts[name] = _parse(name, entry, "data.prompts")
+    return prompts
+
+
+def render_prompt(prompt: TextPrompt, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """Instruction + structured prompt: the exact LLM input (paper §3.1.1)."""
+    return f"{instruction}\n\n{prompt.render()}" if instruction else prompt.render()

@@ -1,0 +1,94 @@
+"""Meta-World v3 environments: task names, factories and the scripted expert policies.
+
+Every task is built through :func:`make_metaworld`, which is registered with gymnasium under the
+**string** entry point ``llmdpd_pl.envs:make_metaworld`` (id :data:`ENV_ID`). Meta-World registers its
+own ids with lambdas, which Minari cannot serialise; ours lets ``dataset.recover_environment()`` work.
+
+Pitfalls pinned by tests (DESIGN §5): ``reset(seed=...)`` is ignored by Meta-World, so all randomness
+comes from the ``seed`` given at construction; scripted policies return unclipped actions.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import gymnasium as gym
+import metaworld
+import numpy as np
+from metaworld.policies import ENV_POLICY_MAP
+
+ENV_ID = "llmdpd/MetaWorld-v3"
+#: The 50 Meta-World v3 task names, without the ``-v3`` suffix.
+METAWORLD_TASKS: tuple[str, ...] = tuple(sorted(n.removesuffix("-v3") for n in metaworld.ALL_V3_ENVIRONMENTS))
+OBS_DIM = 39
+ACT_DIM = 4
+MAX_EPISODE_STEPS = 500
+
+
+def check_task_names(names: Iterable[str], field: str) -> list[str]:
+    """Return ``names`` as a list, or raise a ``ValueError`` naming ``field`` and close matches."""
+    names = list(names)
+    for name in names:
+        if name not in METAWORLD_TASKS:
+            close = difflib.get_close_matches(name, METAWORLD_TASKS, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"{field}: unknown Meta-World task {name!r}.{hint} "
+                f"Names are the v3 tasks without the '-v3' suffix, e.g. 'box-close'."
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field}: duplicate task names in {names}")
+    return names
+
+
+def make_metaworld(task: str, seed: int = 0, **kwargs: Any) -> gym.Env:
+    """Build one Meta-World v3 task (500-step episodes, success in ``info['success']``).
+
+    Args:
+        task: Task name without the ``-v3`` suffix, e.g. ``"box-close"``.
+        seed: Fixes the 50 object/goal layouts and the order in which ``reset()`` visits them.
+        **kwargs: Passed to ``metaworld.make_mt_envs`` (e.g. ``render_mode``, ``camera_name``).
+    """
+    check_task_names([task], "task")
+    return metaworld.make_mt_envs(f"{task}-v3", seed=seed, **kwargs)
+
+
+def register_envs() -> None:
+    """Register :data:`ENV_ID` with a string entry point (idempotent)."""
+    if ENV_ID not in gym.registry:
+        gym.register(id=ENV_ID, entry_point="llmdpd_pl.envs:make_metaworld", disable_env_checker=True)
+
+
+def make_env(task: str, seed: int = 0, **kwargs: Any) -> gym.Env:
+    """``gym.make`` through the registered id, so the spec is serialisable."""
+    register_envs()
+    return gym.make(ENV_ID, task=task, seed=seed, **kwargs)
+
+
+def make_vector_env(
+    task: str, num_envs: int, seed: int, vectorization: str = "sync", **kwargs: Any
+) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of ``task``, each with its own layout seed ``seed + i`` (SAME_STEP autoreset)."""
+    fns = [lambda i=i: make_env(task, seed=seed + i, **kwargs) for i in range(num_envs)]
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if vectorization == "async":
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+
+
+def scripted_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The task's Meta-World scripted expert, with actions clipped to [-1, 1] (they are not, raw)."""
+    check_task_names([task], "task")
+    policy = ENV_POLICY_MAP[f"{task}-v3"]()
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        return np.clip(policy.get_action(obs), -1.0, 1.0).astype(np.float32)
+
+    return act
+
+
+def split_overlap(seen: Sequence[str], unseen: Sequence[str]) -> list[str]:
+    """Tasks that are both seen and unseen (leaks the test set)."""
+    return sorted(set(seen) & set(unseen))
