@@ -222,7 +222,7 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
             episodes.append({"task": task, "level": name, "env_seed": env_seed, "index": i, **stats})
             if progress is not None:
                 progress.put(1)
-    root = Path(spec.root)
+    root = Path(spec.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
@@ -248,7 +248,7 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
         built = staging / spec.dataset_id(task, kind)
         meta = {"task": task, "kind": kind, "recipe": spec.recipe(kind), "episodes": episodes}
         (built / METADATA_FILE).write_text(json.dumps(meta, indent=1))
-        final = spec.path(task, kind)
+        final = root / spec.dataset_id(task, kind)
         final.parent.mkdir(parents=True, exist_ok=True)
         for ns_file in (staging / "llmdpd" / "namespace_metadata.json",):
             if ns_file.exists() and not (root / "llmdpd" / ns_file.name).exists():

@@ -1,0 +1,1 @@
+"""Lightning callbacks: actor EMA and rollout evaluation."""

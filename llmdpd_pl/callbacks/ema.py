@@ -1,0 +1,81 @@
+"""Actor EMA: an ``AveragedModel`` of the policy and its prompt encoders (not the critics, not the LLM).
+
+Diffusion-QL draws its Q-target actions from this EMA actor, and evaluates with it. Before ``start``
+updates the EMA is a plain copy of the policy; afterwards every ``every`` updates
+θ_EMA ← decay·θ_EMA + (1 − decay)·θ. The update count is the module's own ``updates`` counter, not
+Lightning's ``global_step`` (which counts both optimizers' steps). The averaged weights are saved in the
+checkpoint and restored on resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class ActorEMA(L.Callback):
+    """Exponential moving average of ``pl_module.policy``.
+
+    Args:
+        decay: EMA decay (Diffusion-QL: 0.995).
+        start: Updates before averaging begins; until then the EMA copies the policy (Diffusion-QL: 1000).
+        every: Average every ``every`` updates (Diffusion-QL: 5).
+    """
+
+    def __init__(self, decay: float = 0.995, start: int = 1000, every: int = 5) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ActorEMA.decay must be in [0, 1), got {decay}")
+        if start < 0 or every < 1:
+            raise ValueError(f"ActorEMA.start must be >= 0 and every >= 1, got start={start}, every={every}")
+        self.decay, self.start, self.every = decay, start, every
+        self.averaged: AveragedModel | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.averaged is None:
+            self.averaged = AveragedModel(
+                pl_module.policy, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True
+            )
+            self.averaged.requires_grad_(False)
+        if self._pending is not None:
+            self.averaged.load_state_dict(self._pending)
+            self._pending = None
+        pl_module.attach_ema(self.averaged.module)
+
+    def _to_device(self, pl_module: L.LightningModule) -> None:
+        assert self.averaged is not None
+        self.averaged.to(pl_module.device)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._to_device(pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._to_device(pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._to_device(pl_module)
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        assert self.averaged is not None
+        updates = pl_module.updates
+        if updates < self.start:
+            torch._foreach_copy_(list(self.averaged.module.parameters()), list(pl_module.policy.parameters()))
+        elif (updates - self.start) % self.every == 0:
+            self.averaged.update_parameters(pl_module.policy)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.averaged is None else self.averaged.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.averaged is None:
+            self._pending = state_dict
+        else:
+            self.averaged.load_state_dict(state_dict)

@@ -1,0 +1,55 @@
+"""The ``llmdpd`` command: ``fit | validate | test | collect`` through one LightningCLI.
+
+``llmdpd collect --config C`` builds the config's datasets and embeds its prompts
+(``PromptedOfflineDataModule.prepare_data``) without training. Dimensions are declared once, on the
+datamodule, and linked into the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
+from llmdpd_pl.module import LLMDPDModule
+
+
+class LLMDPDTrainer(L.Trainer):
+    """A ``Trainer`` with the extra ``collect`` subcommand."""
+
+    def collect(self, model: L.LightningModule, datamodule: PromptedOfflineDataModule) -> None:
+        """Collect missing datasets and embed missing prompts (rank 0 work of ``prepare_data``)."""
+        datamodule.prepare_data()
+
+
+class LLMDPDCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "collect": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        for attr in ("obs_dim", "act_dim", "text_embed_dim"):
+            parser.link_arguments(f"data.{attr}", f"model.{attr}", apply_on="instantiate")
+        parser.link_arguments("data.traj_prompt_len", "model.traj_prompt_len")
+
+
+def build_cli(args: list[str] | None = None) -> LLMDPDCLI:
+    """Parse ``args`` (``sys.argv`` if None), instantiate, and run the subcommand."""
+    return LLMDPDCLI(
+        LLMDPDModule,
+        PromptedOfflineDataModule,
+        trainer_class=LLMDPDTrainer,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``llmdpd``; tests call ``main(["fit", "--config", ...])`` in-process."""
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

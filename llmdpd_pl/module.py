@@ -1,0 +1,355 @@
+"""``LLMDPDModule``: Diffusion-QL actor–critic over prompt-conditioned policy diffusion (paper Algorithm 1).
+
+One training step is one *update* (manual optimization):
+
+1. critic: a' ~ π_EMA(· | s', z) by the full reverse chain (no grad) → Eq. 6 on (Q1, Q2);
+2. actor, h_ψ and g_φ: Eq. 5 + η · normalised Eq. 7 → Eq. 8 (the LLM is frozen and not in this module);
+3. soft update of the target critics; 4. the :class:`~llmdpd_pl.callbacks.ema.ActorEMA` callback
+   updates the EMA actor.
+
+Lightning's ``global_step`` counts optimizer steps, two per update: ``trainer.max_steps = 2 × updates``.
+The module keeps its own counter, :attr:`updates`, for everything keyed on updates (EMA, logging).
+
+The critics see the task context as the *detached* prompt embeddings z of the online policy: in a
+multi-task setting the same (s, a) has different values in different tasks, and detaching keeps the
+prompt encoders trained by the actor loss only (Algorithm 1, line 12), as in the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from llmdpd_pl.data.collect import derive_seed
+from llmdpd_pl.data.datamodule import Batch, TaskPrompts
+from llmdpd_pl.losses import (
+    ActorLosses,
+    CriticLosses,
+    actor_loss,
+    actor_q_term,
+    critic_loss,
+    diffusion_loss,
+    max_q_backup,
+    td_target,
+)
+from llmdpd_pl.networks import TwinCritic
+from llmdpd_pl.policy import PromptedPolicy, PromptMode
+
+_BANKS = ("text_bank", "traj_obs_bank", "traj_act_bank", "obs_mean", "obs_std")
+
+
+def clip_grad_norms(groups: Mapping[str, Iterable[nn.Parameter]], max_norm: float) -> dict[str, Tensor]:
+    """Clip the joint L2 norm of all groups' gradients to ``max_norm``; return each group's norm and the total.
+
+    ``total = sqrt(Σ_g ||∇_g||²)``; every gradient is scaled by ``min(1, max_norm / (total + 1e-6))``.
+    ``max_norm <= 0`` measures without clipping.
+    """
+    norms: dict[str, Tensor] = {}
+    grads: list[Tensor] = []
+    for name, params in groups.items():
+        g = [p.grad for p in params if p.grad is not None]
+        if g:
+            norms[name] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
+            grads += g
+    total = torch.linalg.vector_norm(torch.stack(list(norms.values())))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return {**norms, "total": total}
+
+
+class LLMDPDModule(L.LightningModule):
+    """LLM-Driven Policy Diffusion.
+
+    Args:
+        obs_dim: S (linked from the datamodule).
+        act_dim: A (linked from the datamodule).
+        text_embed_dim: E, the frozen LLM's width (linked from the datamodule).
+        traj_prompt_len: L, trajectory-prompt length (linked from the datamodule).
+        prompts: Which prompts condition the policy: ``both`` (LLMDPD), ``text``, ``trajectory`` or
+            ``none`` (paper Table 3 ablations).
+        text_source: ``llm`` uses the LLM embedding; ``random`` replaces it with a fixed random vector
+            per task of the same dimension and norm (a control the paper lacks).
+        text_seed: Seed of the ``random`` text vectors.
+        prompt_dim: Width of z_text and of z_traj.
+        n_diffusion_steps: K (Diffusion-QL: 5).
+        beta_schedule: ``vp`` (Diffusion-QL) or ``linear``.
+        hidden_dim: Width of the denoiser and critic MLPs (256).
+        traj_d_model: Width of the trajectory transformer.
+        traj_layers: Layers of the trajectory transformer.
+        traj_heads: Heads of the trajectory transformer.
+        gamma: Discount γ.
+        tau: Target-critic soft-update rate τ.
+        eta: λ of Eq. 8 (η in Diffusion-QL): weight of the normalised Q term.
+        max_q_backup: Use the max over ``n_backup_samples`` next actions per head in the target.
+        n_backup_samples: Candidate next actions for ``max_q_backup``.
+        grad_clip: Max joint gradient L2 norm, per optimizer (0 disables).
+        train_prompt: Trajectory prompt used in training: the ``first`` prompt episode of each task,
+            or a ``random`` one per task and update.
+        action_selection: At evaluation, ``sample`` one reverse chain, or ``q_softmax``: draw
+            ``n_action_candidates`` and pick one by softmax over Q (Diffusion-QL).
+        n_action_candidates: Candidates for ``q_softmax``.
+        actor_optimizer: Optimizer of θ, ψ, φ.
+        critic_optimizer: Optimizer of the twin critics.
+        actor_lr_scheduler: Optional scheduler, stepped once per update.
+        critic_lr_scheduler: Optional scheduler, stepped once per update.
+        seed: Seed of the per-update noise (each update draws from (seed, rank, update)).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        text_embed_dim: int,
+        traj_prompt_len: int,
+        prompts: PromptMode = "both",
+        text_source: Literal["llm", "random"] = "llm",
+        text_seed: int = 0,
+        prompt_dim: int = 64,
+        n_diffusion_steps: int = 5,
+        beta_schedule: Literal["vp", "linear"] = "vp",
+        hidden_dim: int = 256,
+        traj_d_model: int = 128,
+        traj_layers: int = 2,
+        traj_heads: int = 2,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        eta: float = 1.0,
+        max_q_backup: bool = False,
+        n_backup_samples: int = 10,
+        grad_clip: float = 4.0,
+        train_prompt: Literal["first", "random"] = "random",
+        action_selection: Literal["sample", "q_softmax"] = "q_softmax",
+        n_action_candidates: int = 50,
+        actor_optimizer: OptimizerCallable = torch.optim.Adam,
+        critic_optimizer: OptimizerCallable = torch.optim.Adam,
+        actor_lr_scheduler: LRSchedulerCallable | None = None,
+        critic_lr_scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value, lo, hi in (("gamma", gamma, 0.0, 1.0), ("tau", tau, 0.0, 1.0)):
+            if not lo <= value <= hi:
+                raise ValueError(f"model.{name} must be in [{lo}, {hi}], got {value}")
+        if eta < 0:
+            raise ValueError(f"model.eta must be >= 0, got {eta}")
+        if n_backup_samples < 1 or n_action_candidates < 1:
+            raise ValueError(
+                f"model.n_backup_samples and model.n_action_candidates must be >= 1, "
+                f"got {n_backup_samples} and {n_action_candidates}"
+            )
+        self.save_hyperparameters(ignore=["actor_optimizer", "critic_optimizer",
+                                          "actor_lr_scheduler", "critic_lr_scheduler"])
+        self.automatic_optimization = False
+        self.policy = PromptedPolicy(
+            obs_dim, act_dim, text_embed_dim, traj_prompt_len, prompts, prompt_dim,
+            n_diffusion_steps, beta_schedule, hidden_dim, traj_d_model, traj_layers, traj_heads,
+        )
+        self.critic = TwinCritic(obs_dim, act_dim, self.policy.cond_dim, hidden_dim)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self._optimizer_factories = (actor_optimizer, critic_optimizer, actor_lr_scheduler, critic_lr_scheduler)
+        # Task context, filled from the datamodule in setup() and saved with the weights.
+        self.register_buffer("text_bank", torch.zeros(0, text_embed_dim))  # (T, E)
+        self.register_buffer("traj_obs_bank", torch.zeros(0, 1, traj_prompt_len, obs_dim))  # (T, P, L, S)
+        self.register_buffer("traj_act_bank", torch.zeros(0, 1, traj_prompt_len, act_dim))  # (T, P, L, A)
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.task_names: tuple[str, ...] = ()
+        self.n_seen = 0
+        self.updates = 0
+        self._ema: tuple[PromptedPolicy, ...] = ()
+
+    # ------------------------------------------------------------------ task context
+    def set_task_context(self, prompts: TaskPrompts, obs_mean: Tensor, obs_std: Tensor, n_seen: int) -> None:
+        """Copy every task's prompts and the observation statistics into the module's buffers."""
+        text = prompts.text_embedding
+        if self.hparams.text_source == "random":  # same dimension and norm, no task semantics
+            text = torch.stack([
+                torch.randn(text.shape[1], generator=torch.Generator().manual_seed(
+                    derive_seed(self.hparams.text_seed, name))) for name in prompts.names
+            ])
+            text = text / text.norm(dim=1, keepdim=True) * prompts.text_embedding.norm(dim=1, keepdim=True)
+        device = self.obs_mean.device
+        self.text_bank = text.to(device)
+        self.traj_obs_bank = prompts.traj_obs.to(device)
+        self.traj_act_bank = prompts.traj_act.to(device)
+        self.obs_mean, self.obs_std = obs_mean.to(device), obs_std.to(device)
+        self.task_names, self.n_seen = tuple(prompts.names), n_seen
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and getattr(dm, "task_prompts", None) is not None:
+            self.set_task_context(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in _BANKS:  # the banks' shapes depend on the data: take the checkpoint's
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.obs_mean.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["llmdpd"] = {"updates": self.updates, "task_names": list(self.task_names), "n_seen": self.n_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("llmdpd", {})
+        self.updates = int(extra.get("updates", 0))
+        self.task_names = tuple(extra.get("task_names", self.task_names))
+        self.n_seen = int(extra.get("n_seen", self.n_seen))
+
+    # ------------------------------------------------------------------ EMA interface
+    def attach_ema(self, policy: PromptedPolicy) -> None:
+        """Called by :class:`ActorEMA`: the EMA policy used for Q targets and evaluation."""
+        self._ema = (policy,)
+
+    @property
+    def ema_policy(self) -> PromptedPolicy:
+        """The EMA actor if an :class:`ActorEMA` callback is attached, else the online actor."""
+        return self._ema[0] if self._ema else self.policy
+
+    # ------------------------------------------------------------------ building blocks
+    def normalize(self, obs: Tensor) -> Tensor:
+        """(…, S) raw states → (…, S) standardised with the seen-task statistics."""
+        return (obs - self.obs_mean) / self.obs_std
+
+    def prompt_context(self, policy: PromptedPolicy, tasks: Tensor, prompt_index: Tensor) -> Tensor:
+        """z for the given tasks, each with its trajectory prompt ``prompt_index``: (T,), (T,) → (T, C)."""
+        traj_obs = self.normalize(self.traj_obs_bank[tasks, prompt_index])  # (T, L, S)
+        return policy.encode_prompts(self.text_bank[tasks], traj_obs, self.traj_act_bank[tasks, prompt_index])
+
+    def _generator(self) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        return gen.manual_seed(derive_seed(self.hparams.seed, self.global_rank, self.updates))
+
+    # ------------------------------------------------------------------ training
+    def critic_losses(self, batch: Batch, obs: Tensor, next_obs: Tensor, cond: Tensor, gen: torch.Generator) -> CriticLosses:
+        """Eq. 6 with a' from the EMA actor's full reverse chain (Diffusion-QL). cond: (B, C) detached."""
+        with torch.no_grad():
+            seen = torch.arange(self.n_seen, device=self.device)
+            ema = self.ema_policy
+            ema_cond = self.prompt_context(ema, seen, self._train_prompt_index(gen))[batch.task_id]  # (B, C)
+            if self.hparams.max_q_backup:
+                n = self.hparams.n_backup_samples
+                next_rep, cond_rep = next_obs.repeat_interleave(n, 0), cond.repeat_interleave(n, 0)  # (B·n, ·)
+                a_next = ema.sample(next_rep, ema_cond.repeat_interleave(n, 0), gen)  # (B·n, A)
+                q1n, q2n = self.critic_target(next_rep, a_next, cond_rep)
+                q1n, q2n = max_q_backup(q1n.view(-1, n)), max_q_backup(q2n.view(-1, n))  # (B,)
+            else:
+                a_next = ema.sample(next_obs, ema_cond, gen)  # (B, A)
+                q1n, q2n = self.critic_target(next_obs, a_next, cond)
+            target = td_target(batch.reward, batch.not_done, q1n, q2n, self.hparams.gamma)  # (B,)
+        q1, q2 = self.critic(obs, batch.action, cond)
+        return CriticLosses(critic_loss(q1, q2, target), q1.detach().mean(), q2.detach().mean(), target.mean())
+
+    def actor_losses(
+        self, batch: Batch, obs: Tensor, cond: Tensor, gen: torch.Generator
+    ) -> tuple[ActorLosses, Tensor]:
+        """Eq. 5 + η · normalised Eq. 7 = Eq. 8. Returns the losses and the sampled a⁰ (B, A)."""
+        a_k, k, noise = self.policy.diffusion.loss_inputs(batch.action, gen)
+        bc = diffusion_loss(self.policy.eps(a_k, k, obs, cond), noise)
+        a_new = self.policy.sample(obs, cond, gen)  # (B, A), differentiable through the chain
+        q1, q2 = self.critic(obs, a_new, cond.detach())
+        pick_first = bool(torch.rand((), generator=gen, device=self.device) < 0.5)
+        q_term = actor_q_term(q1, q2) if pick_first else actor_q_term(q2, q1)
+        return ActorLosses(actor_loss(bc, q_term, self.hparams.eta), bc, q_term), a_new.detach()
+
+    def _train_prompt_index(self, gen: torch.Generator) -> Tensor:
+        n_prompts = self.traj_obs_bank.shape[1]
+        if self.hparams.train_prompt == "first" or n_prompts == 1:
+            return torch.zeros(self.n_seen, dtype=torch.long, device=self.device)
+        return torch.randint(n_prompts, (self.n_seen,), generator=gen, device=self.device)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        if self.n_seen == 0:
+            raise RuntimeError("no task context: fit with PromptedOfflineDataModule, or call set_task_context()")
+        critic_opt, actor_opt = self.optimizers()  # type: ignore[misc]
+        gen = self._generator()
+        obs, next_obs = self.normalize(batch.obs), self.normalize(batch.next_obs)  # (B, S)
+        seen = torch.arange(self.n_seen, device=self.device)
+        prompt_index = self._train_prompt_index(gen)
+        # Each task's prompts are encoded once, then gathered per row.
+        cond = self.prompt_context(self.policy, seen, prompt_index)[batch.task_id]  # (B, C)
+
+        # 1. Critic step (Eq. 6).
+        c = self.critic_losses(batch, obs, next_obs, cond.detach(), gen)
+        critic_opt.zero_grad(set_to_none=True)
+        self.manual_backward(c.loss)
+        c_norms = clip_grad_norms({"critic": self.critic.parameters()}, self.hparams.grad_clip)
+        critic_opt.step()
+
+        # 2. Actor + prompt-encoder step (Eq. 8). The critic is frozen so no gradient lands in it.
+        self.critic.requires_grad_(False)
+        a, a_new = self.actor_losses(batch, obs, cond, gen)
+        actor_opt.zero_grad(set_to_none=True)
+        self.manual_backward(a.loss)
+        self.critic.requires_grad_(True)
+        groups = {"denoiser": self.policy.denoiser.parameters()}
+        if self.policy.text_head is not None:
+            groups["text_head"] = self.policy.text_head.parameters()
+        if self.policy.traj_encoder is not None:
+            groups["traj_encoder"] = self.policy.traj_encoder.parameters()
+        a_norms = clip_grad_norms(groups, self.hparams.grad_clip)
+        actor_opt.step()
+        for scheduler in self.lr_schedulers() or []:  # type: ignore[union-attr]
+            scheduler.step()
+
+        # 3. Target critics: φ' ← (1 − τ) φ' + τ φ.
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()),
+                                 self.hparams.tau)
+        self.updates += 1
+
+        self.log_dict({
+            **c.as_dict("train/critic/"), **a.as_dict("train/actor/"),
+            **{f"grad_norm/{k}": v for k, v in a_norms.items() if k != "total"},
+            "grad_norm/critic": c_norms["critic"],
+            "train/action/abs_mean": a_new.abs().mean(),
+            "train/action/std": a_new.std(),
+            "train/action/at_bound": (a_new.abs() > 0.999).float().mean(),
+            "train/updates": float(self.updates),
+        }, on_step=True, on_epoch=False)
+        self.log("train/bc_loss", a.bc_loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+
+    def configure_optimizers(self) -> Any:
+        actor_opt_fn, critic_opt_fn, actor_sched_fn, critic_sched_fn = self._optimizer_factories
+        critic_opt = critic_opt_fn(self.critic.parameters())
+        actor_opt = actor_opt_fn(self.policy.parameters())
+        schedulers = [fn(opt) for fn, opt in ((critic_sched_fn, critic_opt), (actor_sched_fn, actor_opt)) if fn]
+        return [critic_opt, actor_opt], schedulers
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def act(
+        self, obs: Tensor, task_index: Tensor, prompt_index: int = 0, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Actions for raw states of given tasks with the EMA actor: (N, S), (N,) → (N, A) in [-1, 1].
+
+        ``action_selection='q_softmax'`` draws ``n_action_candidates`` per state and picks one with
+        probability softmax(min(Q1', Q2')) (Diffusion-QL's evaluation); ``sample`` draws one.
+        """
+        tasks, inverse = torch.unique(task_index, return_inverse=True)
+        p = torch.full_like(tasks, prompt_index)
+        obs_n = self.normalize(obs)  # (N, S)
+        cond = self.prompt_context(self.ema_policy, tasks, p)[inverse]  # (N, C)
+        if self.hparams.action_selection == "sample":
+            return self.ema_policy.sample(obs_n, cond, generator)
+        n = self.hparams.n_action_candidates
+        critic_cond = self.prompt_context(self.policy, tasks, p)[inverse]
+        obs_r = obs_n.repeat_interleave(n, 0)  # (N·n, S)
+        cand = self.ema_policy.sample(obs_r, cond.repeat_interleave(n, 0), generator)  # (N·n, A)
+        q = self.critic_target.q_min(obs_r, cand, critic_cond.repeat_interleave(n, 0)).view(-1, n)  # (N, n)
+        pick = torch.multinomial(torch.softmax(q, dim=1), 1, generator=generator).squeeze(1)  # (N,)
+        return cand.view(-1, n, cand.shape[-1])[torch.arange(len(pick), device=pick.device), pick]
+
+    def task_ids(self, names: Iterable[str]) -> Tensor:
+        """Indices of task names in this model's task context."""
+        index = {n: i for i, n in enumerate(self.task_names)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise ValueError(f"tasks {missing} are not in the model's task context {list(self.task_names)}")
+        return torch.tensor([index[n] for n in names], device=self.device)
+
