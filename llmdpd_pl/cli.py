@@ -34,6 +34,14 @@ class LLMDPDCLI(LightningCLI):
             parser.link_arguments(f"data.{attr}", f"model.{attr}", apply_on="instantiate")
         parser.link_arguments("data.traj_prompt_len", "model.traj_prompt_len")
 
+    def after_test(self) -> None:
+        """The results JSON's path is the last line ``llmdpd test`` prints."""
+        from llmdpd_pl.callbacks.evaluation import RolloutEvaluation
+
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, RolloutEvaluation) and cb.json_path is not None:
+                print(cb.json_path)
+
 
 def build_cli(args: list[str] | None = None) -> LLMDPDCLI:
     """Parse ``args`` (``sys.argv`` if None), instantiate, and run the subcommand."""

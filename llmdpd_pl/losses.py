@@ -167,8 +167,12 @@ class _Losses:
     """Common ``as_dict`` for the loss containers."""
 
     def as_dict(self, prefix: str = "") -> dict[str, Tensor]:
-        """Detached values keyed ``"{prefix}/{field}"`` (or ``"{field}"`` for an empty prefix)."""
-        sep = "/" if prefix else ""
+        """Detached values keyed ``"{prefix}/{field}"`` for logging.
+
+        A prefix that already ends in ``/`` is used as is, and an empty prefix gives ``"{field}"``:
+        ``as_dict("train/critic")`` and ``as_dict("train/critic/")`` both give ``"train/critic/loss"``.
+        """
+        sep = "/" if prefix and not prefix.endswith("/") else ""
         return {f"{prefix}{sep}{f.name}": getattr(self, f.name).detach() for f in fields(self)}
 
 

@@ -321,6 +321,9 @@ class LLMDPDModule(L.LightningModule):
         schedulers = [fn(opt) for fn, opt in ((critic_sched_fn, critic_opt), (actor_sched_fn, actor_opt)) if fn]
         return [critic_opt, actor_opt], schedulers
 
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Nothing per batch: the ``RolloutEvaluation`` callback runs the episodes at the epoch's end."""
+
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
     def act(

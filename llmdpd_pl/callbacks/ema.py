@@ -40,6 +40,9 @@ class ActorEMA(L.Callback):
                 pl_module.policy, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True
             )
             self.averaged.requires_grad_(False)
+            # It starts as a copy of the policy. Count that copy as the first average: AveragedModel's first
+            # update_parameters() is otherwise a plain copy, which would delay averaging to start + every.
+            self.averaged.n_averaged.fill_(1)
         if self._pending is not None:
             self.averaged.load_state_dict(self._pending)
             self._pending = None

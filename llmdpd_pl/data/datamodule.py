@@ -293,6 +293,10 @@ class PromptedOfflineDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() before train_dataloader()")
         return self.stream
 
+    def test_dataloader(self) -> list[int]:
+        """One item per rank: ``llmdpd test`` runs rollouts (RolloutEvaluation), not a dataset pass."""
+        return [0]
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, Batch) and self.trainer is not None and self.trainer.training and self.stream:
             self.stream.consumed += 1

@@ -1,0 +1,234 @@
+"""Rollout evaluation on Meta-World tasks: success rate (95% Wilson interval), return, length, steps to success.
+
+An episode is a success if ``info["success"]`` is ever true within its 500 steps. Episodes are
+identified by an integer id; episode ``i`` of a task runs layout ``i mod 50`` of the task's evaluation
+benchmark (Meta-World ignores ``reset(seed)``, so :class:`LayoutReset` sets the layout itself), which
+makes episodes reproducible and lets DDP ranks shard them exactly: rank r runs ids r, r+W, r+2W, ...
+and the counts are summed, so 7 episodes on 2 ranks are 7 episodes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+from llmdpd_pl.data.collect import derive_seed
+from llmdpd_pl.envs import MAX_EPISODE_STEPS, make_env, scripted_policy
+
+#: policy(obs (N, S) float64, task) → actions (N, A) in [-1, 1]
+PolicyFn = Callable[[np.ndarray, str], np.ndarray]
+Split = Literal["seen", "unseen"]
+
+
+class LayoutReset(gym.Wrapper):
+    """``reset(seed=i)`` puts the task in object/goal layout ``i mod 50``; ``reset()`` keeps the layout."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        selector = env
+        while not hasattr(selector, "tasks"):
+            selector = selector.env  # the RandomTaskSelectWrapper holds the 50 layouts
+        selector.toggle_sample_tasks_on_reset(False)
+        self.layouts = selector.tasks
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        if seed is not None:
+            self.env.unwrapped.set_task(self.layouts[seed % len(self.layouts)])
+        return self.env.reset(options=options)
+
+
+@dataclass
+class Counts:
+    """Additive episode statistics of one task (summed across DDP ranks)."""
+
+    episodes: int = 0
+    successes: int = 0
+    return_sum: float = 0.0
+    length_sum: float = 0.0
+    first_success_sum: float = 0.0  # over successful episodes
+
+    def as_array(self) -> np.ndarray:
+        return np.array([self.episodes, self.successes, self.return_sum, self.length_sum, self.first_success_sum])
+
+    @classmethod
+    def from_array(cls, a: Sequence[float]) -> Counts:
+        return cls(int(round(a[0])), int(round(a[1])), float(a[2]), float(a[3]), float(a[4]))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion p̂ = successes / n.
+
+    ``(p̂ + z²/2n ± z·sqrt(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)``
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """One row of the results table."""
+
+    task: str
+    split: str
+    policy: str
+    episodes: int
+    success_rate: float
+    ci_low: float
+    ci_high: float
+    mean_return: float
+    mean_length: float
+    mean_steps_to_success: float | None
+
+    @classmethod
+    def from_counts(cls, task: str, split: str, policy: str, c: Counts) -> TaskResult:
+        lo, hi = wilson_interval(c.successes, c.episodes)
+        n = max(c.episodes, 1)
+        return cls(task, split, policy, c.episodes, c.successes / n, lo, hi, c.return_sum / n, c.length_sum / n,
+                   c.first_success_sum / c.successes if c.successes else None)
+
+
+def shard(episodes: int, rank: int, world_size: int) -> list[int]:
+    """Episode ids of this rank: every id in [0, episodes) lands on exactly one rank."""
+    return list(range(rank, episodes, world_size))
+
+
+def layout_seed(seed: int, task: str) -> int:
+    """Construction seed of a task's evaluation envs (a layout set disjoint from the training data's)."""
+    return derive_seed(seed, task, "eval")
+
+
+def run_episodes(
+    policy: PolicyFn,
+    task: str,
+    episode_ids: Sequence[int],
+    num_envs: int,
+    seed: int,
+    max_steps: int = MAX_EPISODE_STEPS,
+    vectorization: Literal["sync", "async"] = "sync",
+    progress: tqdm | None = None,
+    envs: gym.vector.VectorEnv | None = None,
+) -> Counts:
+    """Run the given episodes of ``task`` in waves of ``num_envs`` parallel envs; return their counts.
+
+    Every Meta-World episode lasts ``max_steps`` (there is no terminal state), so the envs of a wave
+    start and end together. With SAME_STEP autoreset the last step's ``info`` belongs to the new
+    episode, and its ``success`` is read from ``info["final_info"]``.
+    """
+    counts = Counts()
+    if not episode_ids:
+        return counts
+    own = envs is None
+    if envs is None:
+        envs = make_eval_envs(task, min(num_envs, len(episode_ids)), seed, vectorization)
+    n_envs = envs.num_envs
+    try:
+        for start in range(0, len(episode_ids), n_envs):
+            ids = list(episode_ids[start : start + n_envs])
+            n = len(ids)
+            obs, _ = envs.reset(seed=ids + ids[-1:] * (n_envs - n))  # pad a short wave; ignored below
+            ret, length = np.zeros(n_envs), np.zeros(n_envs)
+            first = np.full(n_envs, -1)
+            alive = np.ones(n_envs, bool)
+            for t in range(max_steps):
+                action = policy(obs, task)
+                obs, reward, terminated, truncated, info = envs.step(action)
+                done = terminated | truncated | (t == max_steps - 1)
+                success = _success(info, terminated | truncated, n_envs)
+                ret += reward * alive
+                length += alive
+                first = np.where(alive & (first < 0) & success, t + 1, first)
+                alive &= ~done
+                if progress is not None:
+                    progress.update(n)
+                if not alive.any():
+                    break
+            won = first[:n] > 0
+            counts.episodes += n
+            counts.successes += int(won.sum())
+            counts.return_sum += float(ret[:n].sum())
+            counts.length_sum += float(length[:n].sum())
+            counts.first_success_sum += float(first[:n][won].sum())
+    finally:
+        if own:
+            envs.close()
+    return counts
+
+
+def _success(info: dict[str, Any], ended: np.ndarray, n_envs: int) -> np.ndarray:
+    """(n_envs,) bool success flags of this step, taking ended episodes' flags from ``final_info``."""
+    now = np.asarray(info.get("success", np.zeros(n_envs)), dtype=float) > 0
+    if "final_info" in info and ended.any():
+        final = np.asarray(info["final_info"].get("success", np.zeros(n_envs)), dtype=float) > 0
+        now = np.where(ended, final, now)
+    return now
+
+
+def make_eval_envs(
+    task: str, num_envs: int, seed: int, vectorization: Literal["sync", "async"] = "sync", **kwargs: Any
+) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of ``task`` with the evaluation layout set, SAME_STEP autoreset."""
+    env_seed = layout_seed(seed, task)
+    fns = [lambda: LayoutReset(make_env(task, seed=env_seed, **kwargs)) for _ in range(num_envs)]
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if vectorization == "async":
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+
+
+def expert_policy() -> PolicyFn:
+    """The scripted Meta-World expert as a :data:`PolicyFn` (the reference row of the results)."""
+    cache: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+
+    def act(obs: np.ndarray, task: str) -> np.ndarray:
+        fn = cache.setdefault(task, scripted_policy(task))
+        return np.stack([fn(o) for o in obs])
+
+    return act
+
+
+def random_policy(seed: int = 0) -> PolicyFn:
+    rng = np.random.default_rng(seed)
+    return lambda obs, task: rng.uniform(-1, 1, size=(len(obs), 4)).astype(np.float32)
+
+
+def format_results(rows: Sequence[TaskResult]) -> str:
+    """A readable table: task, split, policy, success %, 95% CI, return, length, steps to success."""
+    head = f"{'task':<20}{'split':<8}{'policy':<8}{'eps':>5}{'success':>9}{'95% CI':>15}{'return':>9}{'length':>8}{'t_succ':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        t = "-" if r.mean_steps_to_success is None else f"{r.mean_steps_to_success:.0f}"
+        ci = f"[{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
+        lines.append(f"{r.task:<20}{r.split:<8}{r.policy:<8}{r.episodes:>5}{100 * r.success_rate:>8.1f}%"
+                     f"{ci:>15}{r.mean_return:>9.1f}{r.mean_length:>8.0f}{t:>8}")
+    for split in ("seen", "unseen"):
+        agent = [r for r in rows if r.split == split and r.policy == "agent"]
+        if agent:
+            mean = 100 * float(np.mean([r.success_rate for r in agent]))
+            lines.append(f"{'mean ' + split:<36}{mean:>8.1f}%")
+    return "\n".join(lines)
+
+
+def write_json(rows: Sequence[TaskResult], path: str | Path, meta: dict[str, Any]) -> Path:
+    """Write ``{"meta": ..., "results": [rows]}`` atomically; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"meta": meta, "results": [asdict(r) for r in rows]}, f, indent=2)
+    os.replace(tmp, path)
+    return path
