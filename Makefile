@@ -21,13 +21,17 @@ lint:  ## ruff + mypy
 	$(PYTHON) -m ruff check llmdpd_pl tests benchmarks
 	$(PYTHON) -m mypy llmdpd_pl
 
-smoke: install  ## collect + fit the tiny CPU config
+smoke: install  ## collect + fit + test the tiny CPU config (about a minute)
 	llmdpd collect --config configs/smoke.yaml
-	llmdpd fit --config configs/smoke.yaml
+	llmdpd fit --config configs/smoke.yaml --trainer.logger.init_args.version smoke
+	llmdpd test --config configs/smoke.yaml --trainer.logger.init_args.version smoke_test \
+		--ckpt_path runs/smoke/smoke/checkpoints/last.ckpt
 
-demo: install  ## the CPU demonstration end to end: collect, fit, test
-	llmdpd collect --config configs/smoke.yaml
-	llmdpd fit --config configs/smoke.yaml
+demo: install  ## the CPU demonstration end to end: collect, fit (<= 45 min), test (50 episodes per task)
+	llmdpd collect --config configs/metaworld_cpu.yaml
+	llmdpd fit --config configs/metaworld_cpu.yaml --trainer.logger.init_args.version demo
+	llmdpd test --config configs/metaworld_cpu.yaml --trainer.logger.init_args.version demo_test \
+		--ckpt_path runs/metaworld_cpu/demo/checkpoints/last.ckpt
 
 bench:  ## benchmarks (write JSON next to themselves)
 	$(PYTHON) benchmarks/train_step.py

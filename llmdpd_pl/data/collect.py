@@ -54,11 +54,11 @@ class QualityLevel:
 
     def __post_init__(self) -> None:
         if self.episodes < 0:
-            raise ValueError(f"episodes must be >= 0, got {self.episodes}")
+            raise ValueError(f"data.dataset.levels: episodes must be >= 0, got {self.episodes}")
         if self.noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+            raise ValueError(f"data.dataset.levels: noise_std must be >= 0, got {self.noise_std}")
         if not 0.0 <= self.random_prob <= 1.0:
-            raise ValueError(f"random_prob must be in [0, 1], got {self.random_prob}")
+            raise ValueError(f"data.dataset.levels: random_prob must be in [0, 1], got {self.random_prob}")
 
 
 def default_levels() -> dict[str, QualityLevel]:

@@ -17,7 +17,6 @@ import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -87,7 +86,6 @@ def resolve_model_path(model: str) -> Path:
         ) from None
 
 
-@lru_cache(maxsize=8)
 def weights_fingerprint(path: Path) -> str:
     """Hash of config.json plus, per weights file, its name, size and first/last MiB.
 
@@ -116,8 +114,12 @@ def embed_dim(spec: LLMSpec) -> int:
     """Width of the LLM's last hidden layer, read from its config (no weights are loaded)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(resolve_model_path(spec.model)))
-    return int(getattr(config, "hidden_size", None) or config.d_model)
+    path = resolve_model_path(spec.model)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        return int(getattr(config, "hidden_size", None) or config.d_model)
+    except Exception as err:
+        raise ValueError(f"data.llm.model: cannot read a transformers config from {path}: {err}") from None
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

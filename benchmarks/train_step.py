@@ -1,0 +1,145 @@
+"""Time the real ``LLMDPDModule`` update: updates/s, FLOPs per update, matmul peak, roofline fraction.
+
+    python benchmarks/train_step.py [--config configs/metaworld.yaml] [--updates 200] [--repeats 3]
+
+The model is built from the config's ``model`` section (the real one: both prompts, K = 5), with 3 tasks
+and batch 256. The data are random tensors of the real shapes (content does not change the cost), fed
+through the real ``BatchStream`` and a real ``Trainer``. Prints the figures and writes JSON next to this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from llmdpd_pl.data.datamodule import BatchStream, TaskPrompts, Transitions
+from llmdpd_pl.envs import ACT_DIM, OBS_DIM
+from llmdpd_pl.module import LLMDPDModule
+
+
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 20) -> float:
+    """Best FLOP/s of an n×n float32 matmul on ``device``."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+class _Timer(L.Callback):
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.flops = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+
+def build(config: Path, batch_size: int, n_tasks: int, device: str) -> tuple[LLMDPDModule, BatchStream]:
+    cfg = yaml.safe_load(config.read_text())
+    model_cfg = {k: v for k, v in cfg.get("model", {}).items() if not k.endswith(("optimizer", "scheduler"))}
+    data_cfg = cfg.get("data", {})
+    L_, P, E, N = data_cfg.get("traj_prompt_len", 25), 5, 384, 100_000
+    module = LLMDPDModule(obs_dim=OBS_DIM, act_dim=ACT_DIM, text_embed_dim=E, traj_prompt_len=L_, **model_cfg)
+    gen = torch.Generator().manual_seed(0)
+    prompts = TaskPrompts(
+        names=tuple(f"task{i}" for i in range(n_tasks)),
+        text_embedding=torch.randn(n_tasks, E, generator=gen),
+        traj_obs=torch.randn(n_tasks, P, L_, OBS_DIM, generator=gen),
+        traj_act=torch.rand(n_tasks, P, L_, ACT_DIM, generator=gen) * 2 - 1,
+    )
+    module.set_task_context(prompts, torch.zeros(OBS_DIM), torch.ones(OBS_DIM), n_seen=n_tasks)
+    data = Transitions(
+        obs=torch.randn(N, OBS_DIM, generator=gen), action=torch.rand(N, ACT_DIM, generator=gen) * 2 - 1,
+        reward=torch.rand(N, generator=gen), next_obs=torch.randn(N, OBS_DIM, generator=gen),
+        not_done=torch.ones(N), task_id=torch.randint(n_tasks, (N,), generator=gen),
+    )
+    return module, BatchStream(data, batch_size, 10**9, seed=0, rank=0, task_sampling="balanced")
+
+
+def count_flops(module: LLMDPDModule, stream: BatchStream, accelerator: str) -> int:
+    """FLOPs of one update, counted by FlopCounterMode around a real training step."""
+    counter = FlopCounterMode(display=False)
+
+    class _Count(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            counter.__enter__()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            counter.__exit__(None, None, None)
+
+    trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[_Count()])
+    trainer.fit(module, train_dataloaders=stream)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=Path("configs/metaworld.yaml"))
+    p.add_argument("--updates", type=int, default=200, help="timed updates per repeat")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--tasks", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("train_step.json"))
+    args = p.parse_args()
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    torch.manual_seed(0)
+
+    module, stream = build(args.config, args.batch_size, args.tasks, args.device)
+    flops = count_flops(module, stream, accelerator)
+    rates = []
+    for _ in range(args.repeats):
+        module, stream = build(args.config, args.batch_size, args.tasks, args.device)
+        timer = _Timer()
+        trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=2 * (args.warmup + args.updates),
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[timer])
+        trainer.fit(module, train_dataloaders=stream)
+        timed = timer.stamps[args.warmup :]
+        rates.append((len(timed) - 1) / (timed[-1] - timed[0]))
+    peak = matmul_peak(torch.device(args.device))
+    ups = statistics.median(rates)
+    result = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "config": str(args.config),
+        "batch_size": args.batch_size,
+        "tasks": args.tasks,
+        "updates_per_s": ups,
+        "updates_per_s_repeats": rates,
+        "gflop_per_update": flops / 1e9,
+        "matmul_peak_gflops": peak / 1e9,
+        "roofline_fraction": ups * flops / peak,
+    }
+    print(json.dumps(result, indent=2))
+    print(f"updates/s {ups:.2f} | {flops / 1e9:.2f} GFLOP/update | peak {peak / 1e9:.0f} GFLOP/s | "
+          f"roofline {100 * result['roofline_fraction']:.1f}%")
+    args.out.write_text(json.dumps(result, indent=2))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Tests for llmdpd_pl.data.prompts: the packaged texts for the 50 tasks, rendering, config overrides."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+
+import pytest
+
+from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
+from llmdpd_pl.data.prompts import DEFAULT_INSTRUCTION, TextPrompt, load_prompts, render_prompt
+from llmdpd_pl.envs import METAWORLD_TASKS
+
+NEW_REACH = {"task": "Reach far", "objective": "Touch the far wall.", "constraints": "Stay above the table."}
+
+
+def test_packaged_prompts_cover_exactly_the_50_tasks() -> None:
+    raw = json.loads(resources.files("llmdpd_pl.data").joinpath("prompts.json").read_text())
+    assert sorted(raw) == sorted(METAWORLD_TASKS)  # the file itself, before any parsing
+    prompts = load_prompts()
+    assert set(prompts) == set(METAWORLD_TASKS)
+    for name, prompt in prompts.items():
+        for field in ("task", "objective", "constraints"):
+            assert getattr(prompt, field).strip(), f"{name}.{field} is empty"
+
+
+def test_rendered_prompts_are_all_distinct() -> None:
+    prompts = load_prompts()
+    rendered = [render_prompt(p) for p in prompts.values()]
+    assert len(set(rendered)) == 50
+    # Each field alone distinguishes the tasks too, so no two tasks share a description.
+    assert len({p.task for p in prompts.values()}) == 50
+    assert len({p.objective for p in prompts.values()}) == 50
+
+
+def test_door_lock_and_door_unlock_differ() -> None:
+    prompts = load_prompts()
+    lock, unlock = prompts["door-lock"], prompts["door-unlock"]
+    assert lock.task != unlock.task
+    assert lock.objective != unlock.objective
+    assert lock.constraints != unlock.constraints
+
+
+def test_render_format_is_pinned() -> None:
+    prompt = TextPrompt("Reach", "Touch the goal.", "Move smoothly.")
+    body = "Task: Reach\nObjective: Touch the goal.\nConstraints: Move smoothly."
+    assert prompt.render() == body
+    assert render_prompt(prompt) == f"{DEFAULT_INSTRUCTION}\n\n{body}"
+    assert render_prompt(prompt, "Describe:") == f"Describe:\n\n{body}"
+    assert render_prompt(prompt, "") == body
+
+
+def test_overrides_replace_and_add() -> None:
+    extra = {"task": "Wave", "objective": "Wave at the camera.", "constraints": "Do not hit anything."}
+    prompts = load_prompts({"reach": NEW_REACH, "my-wave": extra})
+    assert prompts["reach"] == TextPrompt(**NEW_REACH)
+    assert prompts["my-wave"] == TextPrompt(**extra)
+    assert len(prompts) == 51
+    default = load_prompts()
+    assert prompts["push"] == default["push"]  # untouched tasks keep the packaged text
+    assert default["reach"] != TextPrompt(**NEW_REACH)  # overrides never leak into later loads
+
+
+@pytest.mark.parametrize(
+    ("entry", "detail"),
+    [
+        ({"task": "Reach", "objective": "Touch it."}, "missing or empty keys \\['constraints'\\]"),
+        ({"task": "Reach", "objective": " ", "constraints": "None."}, "objective"),
+        ({"task": "R", "objective": "O", "constraints": "C", "colour": "red"}, "unknown keys \\['colour'\\]"),
+        ("Reach the goal.", "expected a mapping"),
+    ],
+    ids=["missing-key", "blank-value", "unknown-key", "not-a-mapping"],
+)
+def test_bad_override_names_the_config_field(entry: object, detail: str) -> None:
+    with pytest.raises(ValueError, match=r"data\.prompts\['reach'\]") as err:
+        load_prompts({"reach": entry})  # type: ignore[dict-item]
+    assert re.search(detail, str(err.value)), str(err.value)
+
+
+def test_datamodule_feeds_overrides_to_the_llm_input() -> None:
+    dm = PromptedOfflineDataModule(["reach"], ["box-close"], prompts={"reach": NEW_REACH})
+    texts = dm.prompt_texts()
+    assert list(texts) == ["reach", "box-close"]
+    assert texts["reach"] == render_prompt(TextPrompt(**NEW_REACH), dm.llm.instruction)
+    assert texts["box-close"] == render_prompt(load_prompts()["box-close"], dm.llm.instruction)
+
+
+def test_datamodule_rejects_a_bad_override() -> None:
+    with pytest.raises(ValueError, match=r"data\.prompts"):
+        PromptedOfflineDataModule(["reach"], [], prompts={"reach": {"task": "Reach"}})
