@@ -17,11 +17,52 @@ from llmdpd_pl.module import LLMDPDModule
 
 
 class LLMDPDTrainer(L.Trainer):
-    """A ``Trainer`` with the extra ``collect`` subcommand."""
+    """A ``Trainer`` with the ``collect`` subcommand and rollout options on ``test``."""
 
     def collect(self, model: L.LightningModule, datamodule: PromptedOfflineDataModule) -> None:
         """Collect missing datasets and embed missing prompts (rank 0 work of ``prepare_data``)."""
         datamodule.prepare_data()
+
+    def test(  # type: ignore[override]
+        self,
+        model: L.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: L.LightningDataModule | None = None,
+        episodes: int | None = None,
+        seen: bool | None = None,
+        expert: bool | None = None,
+        output: str | None = None,
+    ) -> Any:
+        """Evaluate a checkpoint by rollouts on the config's unseen (and optionally seen) tasks.
+
+        Args:
+            model: The module.
+            dataloaders: Unused by rollouts; kept for Lightning.
+            ckpt_path: Checkpoint to evaluate.
+            verbose: Print Lightning's metric table too.
+            datamodule: The datamodule (task lists, prompts).
+            episodes: Episodes per task (overrides the config's ``RolloutEvaluation.test_episodes``).
+            seen: Evaluate the seen tasks too.
+            expert: Add the scripted expert's reference row per task.
+            output: Path of the results JSON.
+        """
+        from llmdpd_pl.callbacks.evaluation import RolloutEvaluation
+
+        evaluators = [cb for cb in self.callbacks if isinstance(cb, RolloutEvaluation)]
+        if not evaluators:
+            evaluators = [RolloutEvaluation()]
+            self.callbacks.append(evaluators[0])
+        for cb in evaluators:
+            if episodes is not None:
+                if episodes < 1:
+                    raise ValueError(f"--episodes must be >= 1, got {episodes}")
+                cb.test_episodes = episodes
+            cb.test_seen = cb.test_seen if seen is None else seen
+            cb.expert_reference = cb.expert_reference if expert is None else expert
+            cb.output = output or cb.output
+        return super().test(model, dataloaders, ckpt_path, verbose, datamodule)
 
 
 class LLMDPDCLI(LightningCLI):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from llmdpd_pl.data.collect import DatasetSpec, QualityLevel, collect
 
@@ -96,3 +97,9 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlamaModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Tiny matmuls on 2 shared cores run ~8x slower with 2 intra-op threads; tests use one."""
+    torch.set_num_threads(1)

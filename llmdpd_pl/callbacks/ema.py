@@ -73,7 +73,7 @@ class ActorEMA(L.Callback):
             self.averaged.update_parameters(pl_module.policy)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {} if self.averaged is None else self.averaged.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:

@@ -1,0 +1,142 @@
+"""Tests of ``ActorEMA``: a copy before ``start``, decay after, checkpointing, and its use for Q targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import Tensor
+
+from llmdpd_pl.callbacks.ema import ActorEMA
+from tests.model_fixtures import (
+    ModelData,
+    context_module,
+    make_datamodule,
+    make_module,
+    make_trainer,
+    max_abs_diff,
+    model_data,
+    one_thread,
+)
+
+__all__ = ["model_data", "one_thread"]  # fixtures imported for pytest
+
+
+def _params(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+class _EMAHistory(L.Callback):
+    """After every update (placed after ``ActorEMA``): the online policy and the EMA policy."""
+
+    def __init__(self, ema: ActorEMA) -> None:
+        self.ema = ema
+        self.ema0: dict[str, Tensor] = {}
+        self.policy: list[dict[str, Tensor]] = []
+        self.averaged: list[dict[str, Tensor]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        assert self.ema.averaged is not None
+        self.ema0 = _params(self.ema.averaged.module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        assert self.ema.averaged is not None
+        self.policy.append(_params(pl_module.policy))
+        self.averaged.append(_params(self.ema.averaged.module))
+
+
+def _fit_with_ema(model_data: ModelData, root: Path, updates: int, ema: ActorEMA, *extra: L.Callback,
+                  seed: int = 0) -> tuple[Any, L.Trainer]:
+    L.seed_everything(seed, verbose=False)
+    dm = make_datamodule(model_data)
+    module = make_module(dm)
+    trainer = make_trainer(root, updates, callbacks=[ema, *extra])
+    trainer.fit(module, datamodule=dm)
+    return module, trainer
+
+
+def test_ema_copies_before_start_then_follows_decay(model_data: ModelData, tmp_path: Path) -> None:
+    decay, start, every = 0.9, 3, 2
+    ema = ActorEMA(decay=decay, start=start, every=every)
+    history = _EMAHistory(ema)
+    module, _ = _fit_with_ema(model_data, tmp_path, 7, ema, history)
+    assert module.ema_policy is ema.averaged.module  # type: ignore[union-attr]
+    assert len(history.policy) == 7
+    previous = history.ema0
+    for update, (policy, averaged) in enumerate(zip(history.policy, history.averaged, strict=True), start=1):
+        if update < start:  # a plain copy of the policy
+            expected = policy
+        elif (update - start) % every == 0:  # θ_EMA ← decay·θ_EMA + (1 − decay)·θ
+            expected = {k: decay * previous[k] + (1 - decay) * policy[k] for k in policy}
+        else:  # untouched between averaging updates
+            expected = previous
+        # float32 a·x + b·y against torch's lerp: a few ulps of weights of order 1.
+        assert max_abs_diff(averaged, expected) < 1e-6, f"update {update}"
+        if update >= start:
+            # Adam steps of lr 1e-3 keep the policy ~1e-3 away from its average: 1e-4 is far above rounding.
+            assert max_abs_diff(averaged, policy) > 1e-4, f"update {update}: EMA is not averaging"
+        previous = averaged
+
+
+def test_ema_state_is_checkpointed_and_restored(model_data: ModelData, tmp_path: Path) -> None:
+    ema = ActorEMA(decay=0.5, start=1, every=1)
+    module, trainer = _fit_with_ema(model_data, tmp_path, 3, ema)
+    path = tmp_path / "ema.ckpt"
+    trainer.save_checkpoint(path)
+    assert ema.averaged is not None
+    saved = {k: v.clone() for k, v in ema.averaged.state_dict().items()}
+    # decay 0.5 over Adam steps of lr 1e-3: the average lags the policy by ~1e-3, far above rounding.
+    assert max_abs_diff(_params(ema.averaged.module), _params(module.policy)) > 1e-4
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    stored = checkpoint["callbacks"][ema.state_key]
+    assert stored.keys() == saved.keys()
+    assert max_abs_diff(stored, saved) == 0.0
+
+    # Resume (no further update: max_steps already reached) into a fresh module with other initial weights.
+    fresh = ActorEMA(decay=0.5, start=1, every=1)
+    L.seed_everything(1, verbose=False)
+    dm = make_datamodule(model_data)
+    resumed = make_module(dm)
+    make_trainer(tmp_path, 3, callbacks=[fresh]).fit(resumed, datamodule=dm, ckpt_path=path)
+    assert fresh.averaged is not None
+    assert max_abs_diff(fresh.averaged.state_dict(), saved) == 0.0
+    assert resumed.ema_policy is fresh.averaged.module
+
+
+def test_q_targets_come_from_the_ema_actor(model_data: ModelData) -> None:
+    module, dm = context_module(model_data)
+    assert module.ema_policy is module.policy  # no callback attached: the online actor
+    ema_copy = make_module(dm).policy
+    ema_copy.load_state_dict(module.policy.state_dict())
+    module.attach_ema(ema_copy)
+    assert module.ema_policy is ema_copy
+
+    assert dm.stream is not None
+    batch = dm.stream.sample(0)
+    obs, next_obs = module.normalize(batch.obs), module.normalize(batch.next_obs)
+    seen = torch.arange(module.n_seen)
+    cond = module.prompt_context(module.policy, seen, torch.zeros_like(seen))[batch.task_id].detach()
+
+    def target() -> Tensor:
+        return module.critic_losses(batch, obs, next_obs, cond, torch.Generator().manual_seed(0)).target_mean
+
+    base = target()
+    with torch.no_grad():  # change the online denoiser only: the target must not move
+        for p in module.policy.denoiser.parameters():
+            p.add_(0.5)
+    assert torch.equal(target(), base)
+    with torch.no_grad():  # change the EMA denoiser: the target moves
+        for p in ema_copy.denoiser.parameters():
+            p.add_(0.5)
+    assert not torch.equal(target(), base)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [({"decay": 1.0}, "decay"), ({"start": -1}, "start"),
+                                                ({"every": 0}, "every")])
+def test_ema_rejects_bad_arguments(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ActorEMA(**kwargs)
