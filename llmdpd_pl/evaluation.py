@@ -228,7 +228,11 @@ def write_json(rows: Sequence[TaskResult], path: str | Path, meta: dict[str, Any
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"meta": meta, "results": [asdict(r) for r in rows]}, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"meta": meta, "results": [asdict(r) for r in rows]}, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)  # a failed dump (e.g. an unserialisable meta value) leaves no partial file
+        raise
     return path

@@ -326,27 +326,41 @@ class LLMDPDModule(L.LightningModule):
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
-    def act(
-        self, obs: Tensor, task_index: Tensor, prompt_index: int = 0, generator: torch.Generator | None = None
+    def task_conditioning(self, tasks: Tensor, prompt_index: int = 0) -> tuple[Tensor, Tensor]:
+        """z of the EMA actor and of the online policy (the critics' context) for tasks (T,) → (T, C) each.
+
+        Prompts are fixed during an evaluation, so callers compute this once per task, not per step.
+        """
+        p = torch.full_like(tasks, prompt_index)
+        return self.prompt_context(self.ema_policy, tasks, p), self.prompt_context(self.policy, tasks, p)
+
+    @torch.no_grad()
+    def act_conditioned(
+        self, obs: Tensor, cond: Tensor, critic_cond: Tensor, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Actions for raw states of given tasks with the EMA actor: (N, S), (N,) → (N, A) in [-1, 1].
+        """Actions for raw states with given conditioning: (N, S), (N, C), (N, C) → (N, A) in [-1, 1].
 
         ``action_selection='q_softmax'`` draws ``n_action_candidates`` per state and picks one with
         probability softmax(min(Q1', Q2')) (Diffusion-QL's evaluation); ``sample`` draws one.
         """
-        tasks, inverse = torch.unique(task_index, return_inverse=True)
-        p = torch.full_like(tasks, prompt_index)
         obs_n = self.normalize(obs)  # (N, S)
-        cond = self.prompt_context(self.ema_policy, tasks, p)[inverse]  # (N, C)
         if self.hparams.action_selection == "sample":
             return self.ema_policy.sample(obs_n, cond, generator)
         n = self.hparams.n_action_candidates
-        critic_cond = self.prompt_context(self.policy, tasks, p)[inverse]
         obs_r = obs_n.repeat_interleave(n, 0)  # (N·n, S)
         cand = self.ema_policy.sample(obs_r, cond.repeat_interleave(n, 0), generator)  # (N·n, A)
         q = self.critic_target.q_min(obs_r, cand, critic_cond.repeat_interleave(n, 0)).view(-1, n)  # (N, n)
         pick = torch.multinomial(torch.softmax(q, dim=1), 1, generator=generator).squeeze(1)  # (N,)
         return cand.view(-1, n, cand.shape[-1])[torch.arange(len(pick), device=pick.device), pick]
+
+    @torch.no_grad()
+    def act(
+        self, obs: Tensor, task_index: Tensor, prompt_index: int = 0, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Actions for raw states of given tasks with the EMA actor: (N, S), (N,) → (N, A) in [-1, 1]."""
+        tasks, inverse = torch.unique(task_index, return_inverse=True)
+        cond, critic_cond = self.task_conditioning(tasks, prompt_index)
+        return self.act_conditioned(obs, cond[inverse], critic_cond[inverse], generator)
 
     def task_ids(self, names: Iterable[str]) -> Tensor:
         """Indices of task names in this model's task context."""

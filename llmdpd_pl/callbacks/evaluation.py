@@ -30,13 +30,19 @@ from llmdpd_pl.evaluation import (
 
 
 def module_policy(module: Any, prompt_index: int, seed: int) -> PolicyFn:
-    """The module's EMA actor as a :data:`PolicyFn`, conditioned on each task's prompts."""
+    """The module's EMA actor as a :data:`PolicyFn`, conditioned on each task's prompts.
+
+    The prompts' encodings are computed once per task (the weights do not change during an evaluation).
+    """
     gen = torch.Generator(device=module.device).manual_seed(seed)
+    conditioning: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def act(obs: np.ndarray, task: str) -> np.ndarray:
-        ids = module.task_ids([task]).expand(len(obs))
+        if task not in conditioning:
+            conditioning[task] = module.task_conditioning(module.task_ids([task]), prompt_index)
+        cond, critic_cond = (c.expand(len(obs), -1) for c in conditioning[task])
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=module.device)
-        return module.act(obs_t, ids, prompt_index, gen).cpu().numpy()
+        return module.act_conditioned(obs_t, cond, critic_cond, gen).cpu().numpy()
 
     return act
 
@@ -124,7 +130,13 @@ class RolloutEvaluation(L.Callback):
                 metrics[f"eval/{split}/{r.task}/return"] = r.mean_return
             if split_rows:
                 metrics[f"eval/{split}/success"] = float(np.mean([r.success_rate for r in split_rows]))
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        # Step metrics reach the loggers only on batches where step % log_every_n_steps == 0, which would
+        # silently drop evaluations unless every_n_updates is a multiple of it: write to the loggers
+        # directly, at the step Lightning gives this batch's train metrics. log_dict still fills
+        # callback_metrics (ModelCheckpoint(monitor="eval/unseen/success")).
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=False)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         policies = {"agent": module_policy(pl_module, self.prompt_index, self.seed)}

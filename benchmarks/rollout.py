@@ -1,0 +1,74 @@
+"""Evaluation throughput: env steps/s with the policy in the loop, against raw env stepping on the same envs.
+
+    python benchmarks/rollout.py [--ckpt runs/.../last.ckpt] [--task box-close] [--num-envs 10] [--steps 500]
+
+Both measurements run ``evaluation.run_episodes`` on the same vector env (``num_envs`` copies of one task):
+once with a policy that returns fixed actions (raw stepping: env cost only), once with the policy under
+test. Without ``--ckpt`` the policy is a freshly initialised ``LLMDPDModule`` of the config's size (the
+cost does not depend on the weights). Prints the figures and writes JSON next to this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_step import build  # noqa: E402
+
+from llmdpd_pl.callbacks.evaluation import module_policy  # noqa: E402
+from llmdpd_pl.evaluation import make_eval_envs, run_episodes  # noqa: E402
+from llmdpd_pl.module import LLMDPDModule  # noqa: E402
+
+
+def steps_per_s(policy, task: str, envs, episodes: int, steps: int) -> float:  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    counts = run_episodes(policy, task, list(range(episodes)), envs.num_envs, 0, steps, envs=envs)
+    return counts.length_sum / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=Path("configs/metaworld.yaml"))
+    p.add_argument("--ckpt", type=Path, default=None)
+    p.add_argument("--task", default="box-close")
+    p.add_argument("--num-envs", type=int, default=10)
+    p.add_argument("--steps", type=int, default=200, help="steps per episode")
+    p.add_argument("--action-selection", choices=["sample", "q_softmax"], default=None)
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("rollout.json"))
+    args = p.parse_args()
+
+    if args.ckpt:
+        module = LLMDPDModule.load_from_checkpoint(args.ckpt, map_location="cpu")
+    else:
+        module, _ = build(args.config, 256, 3, "cpu")
+        module.task_names = (args.task, "task1", "task2")
+    if args.action_selection:
+        module.hparams.action_selection = args.action_selection
+    module.eval()
+    envs = make_eval_envs(args.task, args.num_envs, seed=0)
+    fixed = np.zeros((args.num_envs, 4), dtype=np.float32)
+    raw = steps_per_s(lambda obs, task: fixed, args.task, envs, args.num_envs, args.steps)
+    with torch.inference_mode():
+        agent = steps_per_s(module_policy(module, 0, 0), args.task, envs, args.num_envs, args.steps)
+    envs.close()
+    result = {
+        "task": args.task, "num_envs": args.num_envs, "steps_per_episode": args.steps,
+        "action_selection": module.hparams.action_selection,
+        "n_action_candidates": module.hparams.n_action_candidates, "threads": torch.get_num_threads(),
+        "raw_env_steps_per_s": raw, "policy_env_steps_per_s": agent, "ratio": agent / raw,
+    }
+    print(json.dumps(result, indent=2))
+    print(f"raw {raw:.0f} steps/s | with policy {agent:.0f} steps/s | ratio {100 * agent / raw:.1f}%")
+    args.out.write_text(json.dumps(result, indent=2))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
