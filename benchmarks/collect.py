@@ -25,14 +25,24 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("collect.json"))
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        spec = DatasetSpec(root=root, levels={"medium": QualityLevel(args.episodes, 0.5, 0.3)},
-                           prompt_episodes=1, workers=args.workers)
+        spec = DatasetSpec(
+            root=root,
+            levels={"medium": QualityLevel(args.episodes, 0.5, 0.3)},
+            prompt_episodes=1,
+            workers=args.workers,
+        )
         t = time.perf_counter()
         rows = collect(spec, args.tasks, [], progress=False)
         seconds = time.perf_counter() - t
     transitions = sum(r["transitions"] for r in rows)
-    result = {"tasks": args.tasks, "workers": args.workers, "episodes_per_task": args.episodes,
-              "transitions": transitions, "seconds": seconds, "transitions_per_s": transitions / seconds}
+    result = {
+        "tasks": args.tasks,
+        "workers": args.workers,
+        "episodes_per_task": args.episodes,
+        "transitions": transitions,
+        "seconds": seconds,
+        "transitions_per_s": transitions / seconds,
+    }
     print(json.dumps(result, indent=2))
     print(f"{transitions} transitions in {seconds:.1f} s: {transitions / seconds:.0f} transitions/s")
     args.out.write_text(json.dumps(result, indent=2))

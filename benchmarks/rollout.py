@@ -59,10 +59,15 @@ def main() -> None:
         agent = steps_per_s(module_policy(module, 0, 0), args.task, envs, args.num_envs, args.steps)
     envs.close()
     result = {
-        "task": args.task, "num_envs": args.num_envs, "steps_per_episode": args.steps,
+        "task": args.task,
+        "num_envs": args.num_envs,
+        "steps_per_episode": args.steps,
         "action_selection": module.hparams.action_selection,
-        "n_action_candidates": module.hparams.n_action_candidates, "threads": torch.get_num_threads(),
-        "raw_env_steps_per_s": raw, "policy_env_steps_per_s": agent, "ratio": agent / raw,
+        "n_action_candidates": module.hparams.n_action_candidates,
+        "threads": torch.get_num_threads(),
+        "raw_env_steps_per_s": raw,
+        "policy_env_steps_per_s": agent,
+        "ratio": agent / raw,
     }
     print(json.dumps(result, indent=2))
     print(f"raw {raw:.0f} steps/s | with policy {agent:.0f} steps/s | ratio {100 * agent / raw:.1f}%")

@@ -68,9 +68,12 @@ def build(config: Path, batch_size: int, n_tasks: int, device: str) -> tuple[LLM
     )
     module.set_task_context(prompts, torch.zeros(OBS_DIM), torch.ones(OBS_DIM), n_seen=n_tasks)
     data = Transitions(
-        obs=torch.randn(N, OBS_DIM, generator=gen), action=torch.rand(N, ACT_DIM, generator=gen) * 2 - 1,
-        reward=torch.rand(N, generator=gen), next_obs=torch.randn(N, OBS_DIM, generator=gen),
-        not_done=torch.ones(N), task_id=torch.randint(n_tasks, (N,), generator=gen),
+        obs=torch.randn(N, OBS_DIM, generator=gen),
+        action=torch.rand(N, ACT_DIM, generator=gen) * 2 - 1,
+        reward=torch.rand(N, generator=gen),
+        next_obs=torch.randn(N, OBS_DIM, generator=gen),
+        not_done=torch.ones(N),
+        task_id=torch.randint(n_tasks, (N,), generator=gen),
     )
     return module, BatchStream(data, batch_size, 10**9, seed=0, rank=0, task_sampling="balanced")
 
@@ -86,8 +89,16 @@ def count_flops(module: LLMDPDModule, stream: BatchStream, accelerator: str) -> 
         def on_train_batch_end(self, *args: Any) -> None:
             counter.__exit__(None, None, None)
 
-    trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[_Count()])
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_Count()],
+    )
     trainer.fit(module, train_dataloaders=stream)
     return counter.get_total_flops()
 
@@ -112,9 +123,16 @@ def main() -> None:
     for _ in range(args.repeats):
         module, stream = build(args.config, args.batch_size, args.tasks, args.device)
         timer = _Timer()
-        trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=2 * (args.warmup + args.updates),
-                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, callbacks=[timer])
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            max_steps=2 * (args.warmup + args.updates),
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+        )
         trainer.fit(module, train_dataloaders=stream)
         timed = timer.stamps[args.warmup :]
         rates.append((len(timed) - 1) / (timed[-1] - timed[0]))
@@ -135,8 +153,10 @@ def main() -> None:
         "roofline_fraction": ups * flops / peak,
     }
     print(json.dumps(result, indent=2))
-    print(f"updates/s {ups:.2f} | {flops / 1e9:.2f} GFLOP/update | peak {peak / 1e9:.0f} GFLOP/s | "
-          f"roofline {100 * result['roofline_fraction']:.1f}%")
+    print(
+        f"updates/s {ups:.2f} | {flops / 1e9:.2f} GFLOP/update | peak {peak / 1e9:.0f} GFLOP/s | "
+        f"roofline {100 * result['roofline_fraction']:.1f}%"
+    )
     args.out.write_text(json.dumps(result, indent=2))
     print(args.out)
 

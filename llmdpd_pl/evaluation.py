@@ -1,4 +1,4 @@
-"""Rollout evaluation on Meta-World tasks: success rate (95% Wilson interval), return, length, steps to success.
+"""Rollout evaluation on Meta-World: success rate (95% Wilson interval), return, length, steps to success.
 
 An episode is a success if ``info["success"]`` is ever true within its 500 steps. Episodes are
 identified by an integer id; episode ``i`` of a task runs layout ``i mod 50`` of the task's evaluation
@@ -58,7 +58,9 @@ class Counts:
     first_success_sum: float = 0.0  # over successful episodes
 
     def as_array(self) -> np.ndarray:
-        return np.array([self.episodes, self.successes, self.return_sum, self.length_sum, self.first_success_sum])
+        return np.array(
+            [self.episodes, self.successes, self.return_sum, self.length_sum, self.first_success_sum]
+        )
 
     @classmethod
     def from_array(cls, a: Sequence[float]) -> Counts:
@@ -98,8 +100,18 @@ class TaskResult:
     def from_counts(cls, task: str, split: str, policy: str, c: Counts) -> TaskResult:
         lo, hi = wilson_interval(c.successes, c.episodes)
         n = max(c.episodes, 1)
-        return cls(task, split, policy, c.episodes, c.successes / n, lo, hi, c.return_sum / n, c.length_sum / n,
-                   c.first_success_sum / c.successes if c.successes else None)
+        return cls(
+            task,
+            split,
+            policy,
+            c.episodes,
+            c.successes / n,
+            lo,
+            hi,
+            c.return_sum / n,
+            c.length_sum / n,
+            c.first_success_sum / c.successes if c.successes else None,
+        )
 
 
 def shard(episodes: int, rank: int, world_size: int) -> list[int]:
@@ -208,13 +220,16 @@ def random_policy(seed: int = 0) -> PolicyFn:
 
 def format_results(rows: Sequence[TaskResult]) -> str:
     """A readable table: task, split, policy, success %, 95% CI, return, length, steps to success."""
-    head = f"{'task':<20}{'split':<8}{'policy':<8}{'eps':>5}{'success':>9}{'95% CI':>15}{'return':>9}{'length':>8}{'t_succ':>8}"
+    head = (f"{'task':<20}{'split':<8}{'policy':<8}{'eps':>5}{'success':>9}{'95% CI':>15}"
+            f"{'return':>9}{'length':>8}{'t_succ':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         t = "-" if r.mean_steps_to_success is None else f"{r.mean_steps_to_success:.0f}"
         ci = f"[{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
-        lines.append(f"{r.task:<20}{r.split:<8}{r.policy:<8}{r.episodes:>5}{100 * r.success_rate:>8.1f}%"
-                     f"{ci:>15}{r.mean_return:>9.1f}{r.mean_length:>8.0f}{t:>8}")
+        lines.append(
+            f"{r.task:<20}{r.split:<8}{r.policy:<8}{r.episodes:>5}{100 * r.success_rate:>8.1f}%"
+            f"{ci:>15}{r.mean_return:>9.1f}{r.mean_length:>8.0f}{t:>8}"
+        )
     for split in ("seen", "unseen"):
         agent = [r for r in rows if r.split == split and r.policy == "agent"]
         if agent:

@@ -45,7 +45,7 @@ _BANKS = ("text_bank", "traj_obs_bank", "traj_act_bank", "obs_mean", "obs_std")
 
 
 def clip_grad_norms(groups: Mapping[str, Iterable[nn.Parameter]], max_norm: float) -> dict[str, Tensor]:
-    """Clip the joint L2 norm of all groups' gradients to ``max_norm``; return each group's norm and the total.
+    """Clip the joint gradient L2 norm of all groups to ``max_norm``; return each group's norm and the total.
 
     ``total = sqrt(Σ_g ||∇_g||²)``; every gradient is scaled by ``min(1, max_norm / (total + 1e-6))``.
     ``max_norm <= 0`` measures without clipping.
@@ -143,16 +143,32 @@ class LLMDPDModule(L.LightningModule):
                 f"model.n_backup_samples and model.n_action_candidates must be >= 1, "
                 f"got {n_backup_samples} and {n_action_candidates}"
             )
-        self.save_hyperparameters(ignore=["actor_optimizer", "critic_optimizer",
-                                          "actor_lr_scheduler", "critic_lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=["actor_optimizer", "critic_optimizer", "actor_lr_scheduler", "critic_lr_scheduler"]
+        )
         self.automatic_optimization = False
         self.policy = PromptedPolicy(
-            obs_dim, act_dim, text_embed_dim, traj_prompt_len, prompts, prompt_dim,
-            n_diffusion_steps, beta_schedule, hidden_dim, traj_d_model, traj_layers, traj_heads,
+            obs_dim,
+            act_dim,
+            text_embed_dim,
+            traj_prompt_len,
+            prompts,
+            prompt_dim,
+            n_diffusion_steps,
+            beta_schedule,
+            hidden_dim,
+            traj_d_model,
+            traj_layers,
+            traj_heads,
         )
         self.critic = TwinCritic(obs_dim, act_dim, self.policy.cond_dim, hidden_dim)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self._optimizer_factories = (actor_optimizer, critic_optimizer, actor_lr_scheduler, critic_lr_scheduler)
+        self._optimizer_factories = (
+            actor_optimizer,
+            critic_optimizer,
+            actor_lr_scheduler,
+            critic_lr_scheduler,
+        )
         # Task context, filled from the datamodule in setup() and saved with the weights.
         self.register_buffer("text_bank", torch.zeros(0, text_embed_dim))  # (T, E)
         self.register_buffer("traj_obs_bank", torch.zeros(0, 1, traj_prompt_len, obs_dim))  # (T, P, L, S)
@@ -169,10 +185,15 @@ class LLMDPDModule(L.LightningModule):
         """Copy every task's prompts and the observation statistics into the module's buffers."""
         text = prompts.text_embedding
         if self.hparams.text_source == "random":  # same dimension and norm, no task semantics
-            text = torch.stack([
-                torch.randn(text.shape[1], generator=torch.Generator().manual_seed(
-                    derive_seed(self.hparams.text_seed, name))) for name in prompts.names
-            ])
+            text = torch.stack(
+                [
+                    torch.randn(
+                        text.shape[1],
+                        generator=torch.Generator().manual_seed(derive_seed(self.hparams.text_seed, name)),
+                    )
+                    for name in prompts.names
+                ]
+            )
             text = text / text.norm(dim=1, keepdim=True) * prompts.text_embedding.norm(dim=1, keepdim=True)
         device = self.obs_mean.device
         self.text_bank = text.to(device)
@@ -186,14 +207,20 @@ class LLMDPDModule(L.LightningModule):
         if dm is not None and getattr(dm, "task_prompts", None) is not None:
             self.set_task_context(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         for name in _BANKS:  # the banks' shapes depend on the data: take the checkpoint's
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.obs_mean.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["llmdpd"] = {"updates": self.updates, "task_names": list(self.task_names), "n_seen": self.n_seen}
+        checkpoint["llmdpd"] = {
+            "updates": self.updates,
+            "task_names": list(self.task_names),
+            "n_seen": self.n_seen,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("llmdpd", {})
@@ -226,7 +253,9 @@ class LLMDPDModule(L.LightningModule):
         return gen.manual_seed(derive_seed(self.hparams.seed, self.global_rank, self.updates))
 
     # ------------------------------------------------------------------ training
-    def critic_losses(self, batch: Batch, obs: Tensor, next_obs: Tensor, cond: Tensor, gen: torch.Generator) -> CriticLosses:
+    def critic_losses(
+        self, batch: Batch, obs: Tensor, next_obs: Tensor, cond: Tensor, gen: torch.Generator
+    ) -> CriticLosses:
         """Eq. 6 with a' from the EMA actor's full reverse chain (Diffusion-QL). cond: (B, C) detached."""
         with torch.no_grad():
             seen = torch.arange(self.n_seen, device=self.device)
@@ -234,7 +263,10 @@ class LLMDPDModule(L.LightningModule):
             ema_cond = self.prompt_context(ema, seen, self._train_prompt_index(gen))[batch.task_id]  # (B, C)
             if self.hparams.max_q_backup:
                 n = self.hparams.n_backup_samples
-                next_rep, cond_rep = next_obs.repeat_interleave(n, 0), cond.repeat_interleave(n, 0)  # (B·n, ·)
+                next_rep, cond_rep = (
+                    next_obs.repeat_interleave(n, 0),
+                    cond.repeat_interleave(n, 0),
+                )  # (B·n, ·)
                 a_next = ema.sample(next_rep, ema_cond.repeat_interleave(n, 0), gen)  # (B·n, A)
                 q1n, q2n = self.critic_target(next_rep, a_next, cond_rep)
                 q1n, q2n = max_q_backup(q1n.view(-1, n)), max_q_backup(q2n.view(-1, n))  # (B,)
@@ -243,7 +275,9 @@ class LLMDPDModule(L.LightningModule):
                 q1n, q2n = self.critic_target(next_obs, a_next, cond)
             target = td_target(batch.reward, batch.not_done, q1n, q2n, self.hparams.gamma)  # (B,)
         q1, q2 = self.critic(obs, batch.action, cond)
-        return CriticLosses(critic_loss(q1, q2, target), q1.detach().mean(), q2.detach().mean(), target.mean())
+        return CriticLosses(
+            critic_loss(q1, q2, target), q1.detach().mean(), q2.detach().mean(), target.mean()
+        )
 
     def actor_losses(
         self, batch: Batch, obs: Tensor, cond: Tensor, gen: torch.Generator
@@ -265,7 +299,9 @@ class LLMDPDModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         if self.n_seen == 0:
-            raise RuntimeError("no task context: fit with PromptedOfflineDataModule, or call set_task_context()")
+            raise RuntimeError(
+                "no task context: fit with PromptedOfflineDataModule, or call set_task_context()"
+            )
         critic_opt, actor_opt = self.optimizers()  # type: ignore[misc]
         gen = self._generator()
         obs, next_obs = self.normalize(batch.obs), self.normalize(batch.next_obs)  # (B, S)
@@ -299,26 +335,34 @@ class LLMDPDModule(L.LightningModule):
 
         # 3. Target critics: φ' ← (1 − τ) φ' + τ φ.
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()),
-                                 self.hparams.tau)
+            torch._foreach_lerp_(
+                list(self.critic_target.parameters()), list(self.critic.parameters()), self.hparams.tau
+            )
         self.updates += 1
 
-        self.log_dict({
-            **c.as_dict("train/critic/"), **a.as_dict("train/actor/"),
-            **{f"grad_norm/{k}": v for k, v in a_norms.items() if k != "total"},
-            "grad_norm/critic": c_norms["critic"],
-            "train/action/abs_mean": a_new.abs().mean(),
-            "train/action/std": a_new.std(),
-            "train/action/at_bound": (a_new.abs() > 0.999).float().mean(),
-            "train/updates": float(self.updates),
-        }, on_step=True, on_epoch=False)
+        self.log_dict(
+            {
+                **c.as_dict("train/critic/"),
+                **a.as_dict("train/actor/"),
+                **{f"grad_norm/{k}": v for k, v in a_norms.items() if k != "total"},
+                "grad_norm/critic": c_norms["critic"],
+                "train/action/abs_mean": a_new.abs().mean(),
+                "train/action/std": a_new.std(),
+                "train/action/at_bound": (a_new.abs() > 0.999).float().mean(),
+                "train/updates": float(self.updates),
+            },
+            on_step=True,
+            on_epoch=False,
+        )
         self.log("train/bc_loss", a.bc_loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
 
     def configure_optimizers(self) -> Any:
         actor_opt_fn, critic_opt_fn, actor_sched_fn, critic_sched_fn = self._optimizer_factories
         critic_opt = critic_opt_fn(self.critic.parameters())
         actor_opt = actor_opt_fn(self.policy.parameters())
-        schedulers = [fn(opt) for fn, opt in ((critic_sched_fn, critic_opt), (actor_sched_fn, actor_opt)) if fn]
+        schedulers = [
+            fn(opt) for fn, opt in ((critic_sched_fn, critic_opt), (actor_sched_fn, actor_opt)) if fn
+        ]
         return [critic_opt, actor_opt], schedulers
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
@@ -369,4 +413,3 @@ class LLMDPDModule(L.LightningModule):
         if missing:
             raise ValueError(f"tasks {missing} are not in the model's task context {list(self.task_names)}")
         return torch.tensor([index[n] for n in names], device=self.device)
-

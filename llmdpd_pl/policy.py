@@ -55,7 +55,9 @@ class PromptedPolicy(nn.Module):
         self.uses_traj = prompts in ("both", "trajectory")
         self.text_head = TextHead(text_embed_dim, prompt_dim) if self.uses_text else None
         self.traj_encoder = (
-            TrajectoryEncoder(obs_dim, act_dim, prompt_dim, traj_prompt_len, traj_d_model, traj_layers, traj_heads)
+            TrajectoryEncoder(
+                obs_dim, act_dim, prompt_dim, traj_prompt_len, traj_d_model, traj_layers, traj_heads
+            )
             if self.uses_traj
             else None
         )
@@ -91,5 +93,8 @@ class PromptedPolicy(nn.Module):
     def sample(self, obs: Tensor, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """a⁰ ~ π_θ(· | s, z) through the full reverse chain (Eq. 4): (B, S), (B, C) → (B, A)."""
         return self.diffusion.sample(
-            lambda a_k, k: self.denoiser(a_k, k, obs, cond), (obs.shape[0], self.act_dim), generator, obs.device
+            lambda a_k, k: self.denoiser(a_k, k, obs, cond),
+            (obs.shape[0], self.act_dim),
+            generator,
+            obs.device,
         )

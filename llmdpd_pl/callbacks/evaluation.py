@@ -78,8 +78,12 @@ class RolloutEvaluation(L.Callback):
         seed: int = 0,
         output: str | None = None,
     ) -> None:
-        for name, value in (("episodes", episodes), ("test_episodes", test_episodes), ("num_envs", num_envs),
-                            ("max_steps", max_steps)):
+        for name, value in (
+            ("episodes", episodes),
+            ("test_episodes", test_episodes),
+            ("num_envs", num_envs),
+            ("max_steps", max_steps),
+        ):
             if value < 1:
                 raise ValueError(f"RolloutEvaluation.{name} must be >= 1, got {value}")
         self.every_n_updates, self.episodes, self.test_episodes = every_n_updates, episodes, test_episodes
@@ -102,10 +106,11 @@ class RolloutEvaluation(L.Callback):
         total = len(ids) * self.max_steps * len(tasks) * len(policies)
         bar = tqdm(total=total, desc="eval", unit="step", disable=rank != 0, leave=False)
         local = []
-        for name, policy in policies.items():
+        for policy in policies.values():
             for task, _ in tasks:
-                counts = run_episodes(policy, task, ids, self.num_envs, self.seed, self.max_steps,
-                                      self.vectorization, bar)
+                counts = run_episodes(
+                    policy, task, ids, self.num_envs, self.seed, self.max_steps, self.vectorization, bar
+                )
                 local.append(counts.as_array())
         bar.close()
         summed = torch.as_tensor(np.stack(local), dtype=torch.float64)
@@ -117,7 +122,9 @@ class RolloutEvaluation(L.Callback):
                 i += 1
         return rows
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self.every_n_updates or pl_module.updates % self.every_n_updates:
             return
         policy = module_policy(pl_module, self.prompt_index, self.seed + pl_module.updates)
@@ -151,10 +158,17 @@ class RolloutEvaluation(L.Callback):
                 pl_module.log(f"test/{split}/success", float(np.mean([r.success_rate for r in split_rows])))
         if trainer.is_global_zero:
             path = Path(self.output or Path(trainer.log_dir or ".") / "test_results.json")
-            meta = {"episodes_per_task": self.test_episodes, "prompt_index": self.prompt_index, "seed": self.seed,
-                    "max_steps": self.max_steps, "ckpt_path": trainer.ckpt_path, "updates": pl_module.updates,
-                    "action_selection": pl_module.hparams.action_selection,
-                    "prompts": pl_module.hparams.prompts, "world_size": trainer.world_size}
+            meta = {
+                "episodes_per_task": self.test_episodes,
+                "prompt_index": self.prompt_index,
+                "seed": self.seed,
+                "max_steps": self.max_steps,
+                "ckpt_path": trainer.ckpt_path,
+                "updates": pl_module.updates,
+                "action_selection": pl_module.hparams.action_selection,
+                "prompts": pl_module.hparams.prompts,
+                "world_size": trainer.world_size,
+            }
             self.json_path = write_json(rows, path, meta)
             print(format_results(rows))
             print(f"results: {self.json_path}")

@@ -101,7 +101,9 @@ class DatasetSpec:
         if self.prompt_episodes < 1:
             raise ValueError(f"data.dataset.prompt_episodes must be >= 1, got {self.prompt_episodes}")
         if not 1 <= self.max_episode_steps <= 500:
-            raise ValueError(f"data.dataset.max_episode_steps must be in [1, 500], got {self.max_episode_steps}")
+            raise ValueError(
+                f"data.dataset.max_episode_steps must be in [1, 500], got {self.max_episode_steps}"
+            )
         if self.workers < 1:
             raise ValueError(f"data.dataset.workers must be >= 1, got {self.workers}")
         if sum(lv.episodes for lv in self.levels.values()) < 1:
@@ -140,9 +142,13 @@ def read_metadata(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"dataset at {path}: corrupt {METADATA_FILE} ({err}); delete the folder and re-collect")
+        raise ValueError(
+            f"dataset at {path}: corrupt {METADATA_FILE} ({err}); delete the folder and re-collect"
+        ) from None
     if not isinstance(meta, dict) or "recipe" not in meta or "episodes" not in meta:
-        raise ValueError(f"dataset at {path}: {METADATA_FILE} lacks 'recipe'/'episodes'; delete and re-collect")
+        raise ValueError(
+            f"dataset at {path}: {METADATA_FILE} lacks 'recipe'/'episodes'; delete and re-collect"
+        )
     return meta
 
 
@@ -214,7 +220,7 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
     env = make_env(task, seed=env_seed)
     expert = scripted_policy(task)
     buffers, episodes = [], []
-    for level_idx, (name, level) in enumerate(spec.levels_for(kind).items()):
+    for name, level in spec.levels_for(kind).items():
         rng = np.random.default_rng(derive_seed(spec.seed, task, kind, name))
         for i in range(level.episodes):
             buffer, stats = _run_episode(env, expert, level, rng, spec.max_episode_steps)
@@ -280,7 +286,9 @@ def summarize(episodes: Sequence[Mapping[str, Any]], kind: str) -> list[dict[str
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    header = f"{'task':<28}{'kind':<9}{'level':<8}{'episodes':>9}{'transitions':>12}{'success':>9}{'return':>10}"
+    header = (
+        f"{'task':<28}{'kind':<9}{'level':<8}{'episodes':>9}{'transitions':>12}{'success':>9}{'return':>10}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(

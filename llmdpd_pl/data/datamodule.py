@@ -114,7 +114,9 @@ class BatchStream:
             rows = d.offsets[task] + (torch.rand(b, generator=gen) * d.sizes[task]).long()
         else:
             rows = torch.randint(len(d.obs), (b,), generator=gen)
-        return Batch(d.obs[rows], d.action[rows], d.reward[rows], d.next_obs[rows], d.not_done[rows], d.task_id[rows])
+        return Batch(
+            d.obs[rows], d.action[rows], d.reward[rows], d.next_obs[rows], d.not_done[rows], d.task_id[rows]
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.consumed
@@ -127,7 +129,9 @@ class BatchStream:
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         if state["seed"] != self.seed:
-            raise ValueError(f"data.seed: checkpoint was trained with seed {state['seed']}, config has {self.seed}")
+            raise ValueError(
+                f"data.seed: checkpoint was trained with seed {state['seed']}, config has {self.seed}"
+            )
         self.consumed = int(state["consumed"])
 
 
@@ -145,7 +149,8 @@ def _load_minari(path: Path) -> Any:
         return minari.MinariDataset(path / "data")
     except Exception as err:
         raise ValueError(
-            f"dataset at {path} cannot be read ({type(err).__name__}: {err}); delete it and re-run `llmdpd collect`"
+            f"dataset at {path} cannot be read ({type(err).__name__}: {err}); "
+            "delete it and re-run `llmdpd collect`"
         ) from None
 
 
@@ -211,8 +216,12 @@ class PromptedOfflineDataModule(L.LightningDataModule):
                 f"data.unseen_tasks: {overlap} also appear in data.seen_tasks; "
                 "training on them would leak the test set"
             )
-        for name, value in {"batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
-                            "traj_prompt_len": traj_prompt_len, "traj_prompt_stride": traj_prompt_stride}.items():
+        for name, value in {
+            "batch_size": batch_size,
+            "steps_per_epoch": steps_per_epoch,
+            "traj_prompt_len": traj_prompt_len,
+            "traj_prompt_stride": traj_prompt_stride,
+        }.items():
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         if not np.isfinite(reward_scale) or reward_scale <= 0:
@@ -276,7 +285,7 @@ class PromptedOfflineDataModule(L.LightningDataModule):
             self.obs_mean = self.transitions.obs.mean(0)
             self.obs_std = self.transitions.obs.std(0).clamp_min(1e-3)
         embeddings, _ = embed_texts(self.prompt_texts(), self.llm, self.cache_dir)
-        traj_obs, traj_act = zip(*(self._load_prompt_trajectories(t) for t in self.task_names))
+        traj_obs, traj_act = zip(*(self._load_prompt_trajectories(t) for t in self.task_names), strict=True)
         self.task_prompts = TaskPrompts(
             names=self.task_names,
             text_embedding=torch.stack([embeddings[t] for t in self.task_names]),
@@ -304,7 +313,9 @@ class PromptedOfflineDataModule(L.LightningDataModule):
 
     # ---- loading ----
     def _load_transitions(self) -> Transitions:
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "action", "reward", "next_obs", "not_done", "task")}
+        parts: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("obs", "action", "reward", "next_obs", "not_done", "task")
+        }
         for task_id, task in enumerate(self.seen_tasks):
             path = self.dataset.path(task, "train")
             for ep in _episodes(path, task, "train"):
@@ -315,10 +326,14 @@ class PromptedOfflineDataModule(L.LightningDataModule):
                         f"and actions {act.shape}; expected (T+1, {OBS_DIM}) and (T, {ACT_DIM})"
                     )
                 if len(obs) != len(act) + 1:
-                    raise ValueError(f"train dataset of {task!r}: episode {ep.id} has {len(obs)} observations "
-                                     f"for {len(act)} actions; expected T+1 for T")
+                    raise ValueError(
+                        f"train dataset of {task!r}: episode {ep.id} has {len(obs)} observations "
+                        f"for {len(act)} actions; expected T+1 for T"
+                    )
                 for what, arr in (("observations", obs), ("actions", act), ("rewards", ep.rewards)):
-                    _check_finite(np.asarray(arr), f"train dataset of {task!r} at {path}, episode {ep.id}, {what}")
+                    _check_finite(
+                        np.asarray(arr), f"train dataset of {task!r} at {path}, episode {ep.id}, {what}"
+                    )
                 parts["obs"].append(obs[:-1])
                 parts["next_obs"].append(obs[1:])
                 parts["action"].append(act)
@@ -331,18 +346,26 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         def cat(key: str, dtype: torch.dtype = torch.float32) -> Tensor:
             return torch.from_numpy(np.concatenate(parts[key])).to(dtype)
 
-        return Transitions(cat("obs"), cat("action"), cat("reward"), cat("next_obs"), cat("not_done"),
-                           cat("task", torch.int64))
+        return Transitions(
+            cat("obs"),
+            cat("action"),
+            cat("reward"),
+            cat("next_obs"),
+            cat("not_done"),
+            cat("task", torch.int64),
+        )
 
     def _load_prompt_trajectories(self, task: str) -> tuple[Tensor, Tensor]:
-        """(P, L, S) states and (P, L, A) actions: every ``stride``-th step, the last one repeated if short."""
+        """(P, L, S) states and (P, L, A) actions: every ``stride``-th step, the last repeated if short."""
         path = self.dataset.path(task, "prompts")
         obs, act = [], []
         for ep in _episodes(path, task, "prompts"):
             o, a = np.asarray(ep.observations)[:-1], np.asarray(ep.actions)
             if o.shape[-1] != OBS_DIM or a.shape[-1] != ACT_DIM:
-                raise ValueError(f"prompts dataset of {task!r} at {path}: observations {o.shape} / actions "
-                                 f"{a.shape}; expected (T, {OBS_DIM}) / (T, {ACT_DIM})")
+                raise ValueError(
+                    f"prompts dataset of {task!r} at {path}: observations {o.shape} / actions "
+                    f"{a.shape}; expected (T, {OBS_DIM}) / (T, {ACT_DIM})"
+                )
             _check_finite(o, f"prompts dataset of {task!r} at {path}, observations")
             _check_finite(a, f"prompts dataset of {task!r} at {path}, actions")
             idx = np.minimum(np.arange(self.traj_prompt_len) * self.traj_prompt_stride, len(a) - 1)

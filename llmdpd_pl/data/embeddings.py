@@ -206,7 +206,9 @@ class EmbeddingCache:
             log.warning("embedding cache: unreadable entry %s (%s); recomputing", path, type(err).__name__)
             return None
         if not ok:
-            log.warning("embedding cache: invalid entry %s (key, shape, dtype or checksum); recomputing", path)
+            log.warning(
+                "embedding cache: invalid entry %s (key, shape, dtype or checksum); recomputing", path
+            )
             return None
         return vec
 
@@ -256,7 +258,7 @@ def embed_texts(
         encoder = TextEncoder(spec)
         vecs = encoder.encode([texts[n] for n in missing])
         passes = encoder.forward_passes
-        for name, vec in zip(missing, vecs):
+        for name, vec in zip(missing, vecs, strict=True):
             cache.save(keys[name], vec, {"name": name, "model": spec.model})
             out[name] = vec
     return {n: out[n] for n in texts}, EmbedStats(len(texts) - len(missing), len(missing), passes)

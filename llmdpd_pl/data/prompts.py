@@ -29,7 +29,9 @@ class TextPrompt:
 
 def _parse(name: str, entry: object, field: str) -> TextPrompt:
     if not isinstance(entry, Mapping):
-        raise ValueError(f"{field}[{name!r}]: expected a mapping with task/objective/constraints, got {entry!r}")
+        raise ValueError(
+            f"{field}[{name!r}]: expected a mapping with task/objective/constraints, got {entry!r}"
+        )
     missing = [k for k in ("task", "objective", "constraints") if not str(entry.get(k, "")).strip()]
     if missing:
         raise ValueError(f"{field}[{name!r}]: missing or empty keys {missing}")
