@@ -52,7 +52,9 @@ def make_metaworld(task: str, seed: int = 0, **kwargs: Any) -> gym.Env:
         **kwargs: Passed to ``metaworld.make_mt_envs`` (e.g. ``render_mode``, ``camera_name``).
     """
     check_task_names([task], "task")
-    return metaworld.make_mt_envs(f"{task}-v3", seed=seed, **kwargs)
+    env = metaworld.make_mt_envs(f"{task}-v3", seed=seed, **kwargs)
+    assert isinstance(env, gym.Env)  # one task name gives one env, not a vector env
+    return env
 
 
 def register_envs() -> None:
@@ -65,17 +67,6 @@ def make_env(task: str, seed: int = 0, **kwargs: Any) -> gym.Env:
     """``gym.make`` through the registered id, so the spec is serialisable."""
     register_envs()
     return gym.make(ENV_ID, task=task, seed=seed, **kwargs)
-
-
-def make_vector_env(
-    task: str, num_envs: int, seed: int, vectorization: str = "sync", **kwargs: Any
-) -> gym.vector.VectorEnv:
-    """``num_envs`` copies of ``task``, each with its own layout seed ``seed + i`` (SAME_STEP autoreset)."""
-    fns = [lambda i=i: make_env(task, seed=seed + i, **kwargs) for i in range(num_envs)]
-    mode = gym.vector.AutoresetMode.SAME_STEP
-    if vectorization == "async":
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
-    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
 
 
 def scripted_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:

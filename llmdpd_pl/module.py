@@ -184,12 +184,12 @@ class LLMDPDModule(L.LightningModule):
     def set_task_context(self, prompts: TaskPrompts, obs_mean: Tensor, obs_std: Tensor, n_seen: int) -> None:
         """Copy every task's prompts and the observation statistics into the module's buffers."""
         text = prompts.text_embedding
-        if self.hparams.text_source == "random":  # same dimension and norm, no task semantics
+        if self.hparams["text_source"] == "random":  # same dimension and norm, no task semantics
             text = torch.stack(
                 [
                     torch.randn(
                         text.shape[1],
-                        generator=torch.Generator().manual_seed(derive_seed(self.hparams.text_seed, name)),
+                        generator=torch.Generator().manual_seed(derive_seed(self.hparams["text_seed"], name)),
                     )
                     for name in prompts.names
                 ]
@@ -250,7 +250,7 @@ class LLMDPDModule(L.LightningModule):
 
     def _generator(self) -> torch.Generator:
         gen = torch.Generator(device=self.device)
-        return gen.manual_seed(derive_seed(self.hparams.seed, self.global_rank, self.updates))
+        return gen.manual_seed(derive_seed(self.hparams["seed"], self.global_rank, self.updates))
 
     # ------------------------------------------------------------------ training
     def critic_losses(
@@ -261,8 +261,8 @@ class LLMDPDModule(L.LightningModule):
             seen = torch.arange(self.n_seen, device=self.device)
             ema = self.ema_policy
             ema_cond = self.prompt_context(ema, seen, self._train_prompt_index(gen))[batch.task_id]  # (B, C)
-            if self.hparams.max_q_backup:
-                n = self.hparams.n_backup_samples
+            if self.hparams["max_q_backup"]:
+                n = self.hparams["n_backup_samples"]
                 next_rep, cond_rep = (
                     next_obs.repeat_interleave(n, 0),
                     cond.repeat_interleave(n, 0),
@@ -273,7 +273,7 @@ class LLMDPDModule(L.LightningModule):
             else:
                 a_next = ema.sample(next_obs, ema_cond, gen)  # (B, A)
                 q1n, q2n = self.critic_target(next_obs, a_next, cond)
-            target = td_target(batch.reward, batch.not_done, q1n, q2n, self.hparams.gamma)  # (B,)
+            target = td_target(batch.reward, batch.not_done, q1n, q2n, self.hparams["gamma"])  # (B,)
         q1, q2 = self.critic(obs, batch.action, cond)
         return CriticLosses(
             critic_loss(q1, q2, target), q1.detach().mean(), q2.detach().mean(), target.mean()
@@ -289,11 +289,11 @@ class LLMDPDModule(L.LightningModule):
         q1, q2 = self.critic(obs, a_new, cond.detach())
         pick_first = bool(torch.rand((), generator=gen, device=self.device) < 0.5)
         q_term = actor_q_term(q1, q2) if pick_first else actor_q_term(q2, q1)
-        return ActorLosses(actor_loss(bc, q_term, self.hparams.eta), bc, q_term), a_new.detach()
+        return ActorLosses(actor_loss(bc, q_term, self.hparams["eta"]), bc, q_term), a_new.detach()
 
     def _train_prompt_index(self, gen: torch.Generator) -> Tensor:
         n_prompts = self.traj_obs_bank.shape[1]
-        if self.hparams.train_prompt == "first" or n_prompts == 1:
+        if self.hparams["train_prompt"] == "first" or n_prompts == 1:
             return torch.zeros(self.n_seen, dtype=torch.long, device=self.device)
         return torch.randint(n_prompts, (self.n_seen,), generator=gen, device=self.device)
 
@@ -314,7 +314,7 @@ class LLMDPDModule(L.LightningModule):
         c = self.critic_losses(batch, obs, next_obs, cond.detach(), gen)
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(c.loss)
-        c_norms = clip_grad_norms({"critic": self.critic.parameters()}, self.hparams.grad_clip)
+        c_norms = clip_grad_norms({"critic": self.critic.parameters()}, self.hparams["grad_clip"])
         critic_opt.step()
 
         # 2. Actor + prompt-encoder step (Eq. 8). The critic is frozen so no gradient lands in it.
@@ -328,7 +328,7 @@ class LLMDPDModule(L.LightningModule):
             groups["text_head"] = self.policy.text_head.parameters()
         if self.policy.traj_encoder is not None:
             groups["traj_encoder"] = self.policy.traj_encoder.parameters()
-        a_norms = clip_grad_norms(groups, self.hparams.grad_clip)
+        a_norms = clip_grad_norms(groups, self.hparams["grad_clip"])
         actor_opt.step()
         for scheduler in self.lr_schedulers() or []:  # type: ignore[union-attr]
             scheduler.step()
@@ -336,7 +336,7 @@ class LLMDPDModule(L.LightningModule):
         # 3. Target critics: φ' ← (1 − τ) φ' + τ φ.
         with torch.no_grad():
             torch._foreach_lerp_(
-                list(self.critic_target.parameters()), list(self.critic.parameters()), self.hparams.tau
+                list(self.critic_target.parameters()), list(self.critic.parameters()), self.hparams["tau"]
             )
         self.updates += 1
 
@@ -388,9 +388,9 @@ class LLMDPDModule(L.LightningModule):
         probability softmax(min(Q1', Q2')) (Diffusion-QL's evaluation); ``sample`` draws one.
         """
         obs_n = self.normalize(obs)  # (N, S)
-        if self.hparams.action_selection == "sample":
+        if self.hparams["action_selection"] == "sample":
             return self.ema_policy.sample(obs_n, cond, generator)
-        n = self.hparams.n_action_candidates
+        n = self.hparams["n_action_candidates"]
         obs_r = obs_n.repeat_interleave(n, 0)  # (N·n, S)
         cand = self.ema_policy.sample(obs_r, cond.repeat_interleave(n, 0), generator)  # (N·n, A)
         q = self.critic_target.q_min(obs_r, cand, critic_cond.repeat_interleave(n, 0)).view(-1, n)  # (N, n)
