@@ -99,6 +99,8 @@ class LLMDPDModule(L.LightningModule):
         actor_lr_scheduler: Optional scheduler, stepped once per update.
         critic_lr_scheduler: Optional scheduler, stepped once per update.
         seed: Seed of the per-update noise (each update draws from (seed, rank, update)).
+        compile: ``torch.compile`` the denoiser and the critics in place (checkpoint keys unchanged);
+            the ``ActorEMA`` callback compiles its copy of the denoiser too.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class LLMDPDModule(L.LightningModule):
         actor_lr_scheduler: LRSchedulerCallable | None = None,
         critic_lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         for name, value, lo, hi in (("gamma", gamma, 0.0, 1.0), ("tau", tau, 0.0, 1.0)):
@@ -206,6 +209,11 @@ class LLMDPDModule(L.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and getattr(dm, "task_prompts", None) is not None:
             self.set_task_context(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
+
+    def configure_model(self) -> None:
+        if self.hparams["compile"]:
+            for net in (self.policy.denoiser, self.critic, self.critic_target):
+                net.compile()
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
