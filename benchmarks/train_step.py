@@ -53,9 +53,12 @@ class _Timer(L.Callback):
         self.stamps.append(time.perf_counter())
 
 
-def build(config: Path, batch_size: int, n_tasks: int, device: str) -> tuple[LLMDPDModule, BatchStream]:
+def build(
+    config: Path, batch_size: int, n_tasks: int, device: str, **overrides: Any
+) -> tuple[LLMDPDModule, BatchStream]:
     cfg = yaml.safe_load(config.read_text())
     model_cfg = {k: v for k, v in cfg.get("model", {}).items() if not k.endswith(("optimizer", "scheduler"))}
+    model_cfg.update(overrides)
     data_cfg = cfg.get("data", {})
     L_, P, E, N = data_cfg.get("traj_prompt_len", 25), 5, 384, 100_000
     module = LLMDPDModule(obs_dim=OBS_DIM, act_dim=ACT_DIM, text_embed_dim=E, traj_prompt_len=L_, **model_cfg)
@@ -78,7 +81,7 @@ def build(config: Path, batch_size: int, n_tasks: int, device: str) -> tuple[LLM
     return module, BatchStream(data, batch_size, 10**9, seed=0, rank=0, task_sampling="balanced")
 
 
-def count_flops(module: LLMDPDModule, stream: BatchStream, accelerator: str) -> int:
+def count_flops(module: LLMDPDModule, stream: BatchStream, accelerator: str, precision: str) -> int:
     """FLOPs of one update, counted by FlopCounterMode around a real training step."""
     counter = FlopCounterMode(display=False)
 
@@ -112,16 +115,18 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--tasks", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser and critics")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("train_step.json"))
     args = p.parse_args()
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     torch.manual_seed(0)
 
     module, stream = build(args.config, args.batch_size, args.tasks, args.device)
-    flops = count_flops(module, stream, accelerator)
+    flops = count_flops(module, stream, accelerator, args.precision)  # eager: compile does not change FLOPs
     rates = []
     for _ in range(args.repeats):
-        module, stream = build(args.config, args.batch_size, args.tasks, args.device)
+        module, stream = build(args.config, args.batch_size, args.tasks, args.device, compile=args.compile)
         timer = _Timer()
         trainer = L.Trainer(
             accelerator=accelerator,
@@ -146,6 +151,10 @@ def main() -> None:
         "config": str(args.config),
         "batch_size": args.batch_size,
         "tasks": args.tasks,
+        "precision": args.precision,
+        "compile": args.compile,
+        "warmup_updates": args.warmup,
+        "timed_updates": args.updates,
         "updates_per_s": ups,
         "updates_per_s_repeats": rates,
         "gflop_per_update": flops / 1e9,
