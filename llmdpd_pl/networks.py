@@ -29,6 +29,16 @@ def _check_last_dim(name: str, x: Tensor, expected: int) -> None:
         raise ValueError(f"{name} must have last dimension {expected}, got shape {tuple(x.shape)}")
 
 
+def _conditioning(cond: Tensor | None, obs: Tensor, cond_dim: int) -> Tensor:
+    """``cond`` checked against ``cond_dim``; ``None`` becomes a (B, 0) tensor when ``cond_dim == 0``."""
+    if cond is None:
+        if cond_dim:
+            raise ValueError(f"cond is required when cond_dim={cond_dim}")
+        cond = obs.new_zeros(obs.shape[0], 0)
+    _check_last_dim("cond", cond, cond_dim)
+    return cond
+
+
 class SinusoidalPosEmb(nn.Module):
     """Transformer-style sinusoidal embedding of the diffusion step (DDPM / Diffusion-QL).
 
@@ -126,11 +136,7 @@ class Denoiser(nn.Module):
         """
         _check_last_dim("a_k", a_k, self.act_dim)
         _check_last_dim("obs", obs, self.obs_dim)
-        if cond is None:
-            if self.cond_dim:
-                raise ValueError(f"cond is required when cond_dim={self.cond_dim}")
-            cond = obs.new_zeros(obs.shape[0], 0)
-        _check_last_dim("cond", cond, self.cond_dim)
+        cond = _conditioning(cond, obs, self.cond_dim)
         t = self.time_mlp(k)  # (B, time_dim)
         return self.net(torch.cat([a_k, t, obs, cond], dim=-1))  # (B, A)
 
@@ -216,11 +222,7 @@ class TwinCritic(nn.Module):
         """
         _check_last_dim("obs", obs, self.obs_dim)
         _check_last_dim("act", act, self.act_dim)
-        if cond is None:
-            if self.cond_dim:
-                raise ValueError(f"cond is required when cond_dim={self.cond_dim}")
-            cond = obs.new_zeros(obs.shape[0], 0)
-        _check_last_dim("cond", cond, self.cond_dim)
+        cond = _conditioning(cond, obs, self.cond_dim)
         x = torch.cat([obs, act, cond], dim=-1)  # (B, S + A + C)
         h = x.unsqueeze(0).expand(self.n_heads, *x.shape)  # (2, B, S + A + C)
         for layer in self.layers[:-1]:
