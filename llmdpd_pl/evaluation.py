@@ -220,8 +220,10 @@ def random_policy(seed: int = 0) -> PolicyFn:
 
 def format_results(rows: Sequence[TaskResult]) -> str:
     """A readable table: task, split, policy, success %, 95% CI, return, length, steps to success."""
-    head = (f"{'task':<20}{'split':<8}{'policy':<8}{'eps':>5}{'success':>9}{'95% CI':>15}"
-            f"{'return':>9}{'length':>8}{'t_succ':>8}")
+    head = (
+        f"{'task':<20}{'split':<8}{'policy':<8}{'eps':>5}{'success':>9}{'95% CI':>15}"
+        f"{'return':>9}{'length':>8}{'t_succ':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         t = "-" if r.mean_steps_to_success is None else f"{r.mean_steps_to_success:.0f}"

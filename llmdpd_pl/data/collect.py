@@ -21,6 +21,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,8 @@ from tqdm.auto import tqdm
 from llmdpd_pl.envs import check_task_names
 
 Kind = Literal["train", "prompts"]
+#: tqdm refresh interval: frequent on a terminal, sparse in log files
+PROGRESS_INTERVAL = 0.1 if sys.stderr.isatty() else 10.0
 METADATA_FILE = "llmdpd.json"
 
 
@@ -315,7 +318,9 @@ def collect(
     todo = [job for job in wanted if not is_complete(spec, job.task, job.kind)]
     total = sum(sum(lv.episodes for lv in spec.levels_for(j.kind).values()) for j in todo)
     if todo:
-        bar = tqdm(total=total, desc="collect", unit="ep", disable=not progress)
+        bar = tqdm(
+            total=total, desc="collect", unit="ep", disable=not progress, mininterval=PROGRESS_INTERVAL
+        )
         if spec.workers == 1 or len(todo) == 1:
             for job in todo:
                 _collect_job(job)
