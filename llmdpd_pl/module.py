@@ -262,13 +262,23 @@ class LLMDPDModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def critic_losses(
-        self, batch: Batch, obs: Tensor, next_obs: Tensor, cond: Tensor, gen: torch.Generator
+        self,
+        batch: Batch,
+        obs: Tensor,
+        next_obs: Tensor,
+        cond: Tensor,
+        prompt_index: Tensor,
+        gen: torch.Generator,
     ) -> CriticLosses:
-        """Eq. 6 with a' from the EMA actor's full reverse chain (Diffusion-QL). cond: (B, C) detached."""
+        """Eq. 6 with a' from the EMA actor's full reverse chain (Diffusion-QL).
+
+        cond: (B, C) detached online z; prompt_index: (T_seen,) the update's prompt episode per task,
+        so the EMA actor is conditioned on the same trajectory prompts as the online one.
+        """
         with torch.no_grad():
             seen = torch.arange(self.n_seen, device=self.device)
             ema = self.ema_policy
-            ema_cond = self.prompt_context(ema, seen, self._train_prompt_index(gen))[batch.task_id]  # (B, C)
+            ema_cond = self.prompt_context(ema, seen, prompt_index)[batch.task_id]  # (B, C)
             if self.hparams["max_q_backup"]:
                 n = self.hparams["n_backup_samples"]
                 next_rep, cond_rep = (
@@ -319,7 +329,7 @@ class LLMDPDModule(L.LightningModule):
         cond = self.prompt_context(self.policy, seen, prompt_index)[batch.task_id]  # (B, C)
 
         # 1. Critic step (Eq. 6).
-        c = self.critic_losses(batch, obs, next_obs, cond.detach(), gen)
+        c = self.critic_losses(batch, obs, next_obs, cond.detach(), prompt_index, gen)
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(c.loss)
         c_norms = clip_grad_norms({"critic": self.critic.parameters()}, self.hparams["grad_clip"])

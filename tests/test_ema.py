@@ -122,7 +122,8 @@ def test_q_targets_come_from_the_ema_actor(model_data: ModelData) -> None:
     cond = module.prompt_context(module.policy, seen, torch.zeros_like(seen))[batch.task_id].detach()
 
     def target() -> Tensor:
-        return module.critic_losses(batch, obs, next_obs, cond, torch.Generator().manual_seed(0)).target_mean
+        gen = torch.Generator().manual_seed(0)
+        return module.critic_losses(batch, obs, next_obs, cond, torch.zeros_like(seen), gen).target_mean
 
     base = target()
     with torch.no_grad():  # change the online denoiser only: the target must not move
