@@ -10,10 +10,12 @@ through the real ``BatchStream`` and a real ``Trainer``. Prints the figures and 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +55,21 @@ class _Timer(L.Callback):
         self.stamps.append(time.perf_counter())
 
 
+def optimizer_from_config(spec: dict[str, Any] | None) -> Any:
+    """``{class_path, init_args}`` of a config → an optimizer factory (the default ``Adam`` if absent)."""
+    if spec is None:
+        return torch.optim.Adam
+    module_name, _, cls = spec["class_path"].rpartition(".")
+    return partial(getattr(importlib.import_module(module_name), cls), **spec.get("init_args", {}))
+
+
 def build(
     config: Path, batch_size: int, n_tasks: int, device: str, **overrides: Any
 ) -> tuple[LLMDPDModule, BatchStream]:
     cfg = yaml.safe_load(config.read_text())
     model_cfg = {k: v for k, v in cfg.get("model", {}).items() if not k.endswith(("optimizer", "scheduler"))}
+    for name in ("actor_optimizer", "critic_optimizer"):  # the config's optimizers (e.g. fused Adam)
+        model_cfg[name] = optimizer_from_config(cfg.get("model", {}).get(name))
     model_cfg.update(overrides)
     data_cfg = cfg.get("data", {})
     L_, P, E, N = data_cfg.get("traj_prompt_len", 25), 5, 384, 100_000
@@ -95,6 +107,7 @@ def count_flops(module: LLMDPDModule, stream: BatchStream, accelerator: str, pre
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
+        precision=precision,
         max_steps=2,
         logger=False,
         enable_checkpointing=False,
@@ -117,8 +130,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser and critics")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("train_step.json"))
     args = p.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     torch.manual_seed(0)
 
@@ -131,6 +147,7 @@ def main() -> None:
         trainer = L.Trainer(
             accelerator=accelerator,
             devices=1,
+            precision=args.precision,
             max_steps=2 * (args.warmup + args.updates),
             logger=False,
             enable_checkpointing=False,

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -37,6 +39,54 @@ def _conditioning(cond: Tensor | None, obs: Tensor, cond_dim: int) -> Tensor:
         cond = obs.new_zeros(obs.shape[0], 0)
     _check_last_dim("cond", cond, cond_dim)
     return cond
+
+
+def mish(x: Tensor) -> Tensor:
+    """Mish (Misra 2019), the activation of Diffusion-QL's MLPs, in a form with a single ``exp``.
+
+    ``mish(x) = x tanh(softplus(x)) = x n / (n + 2)``, with ``u = e^x`` and ``n = u (u + 2)``, since
+    ``tanh(log(1 + u)) = ((1 + u)^2 - 1) / ((1 + u)^2 + 1)``. The input of the ``exp`` is capped at 20,
+    where ``n / (n + 2)`` is 1 in float32, so ``n`` cannot overflow.
+
+    ``d mish / dx = t + x (1 - t^2) sigmoid(x)`` with ``t = n / (n + 2)`` and ``sigmoid(x) = u / (1 + u)``.
+
+    Same function as ``torch.nn.functional.mish`` (to float32 rounding), but about 2x faster forward and
+    backward on CPU, where PyTorch's kernel evaluates ``tanh`` and ``log1p`` (``benchmarks/NOTES.md``).
+
+    Args:
+        x: any shape.
+
+    Returns:
+        mish(x), the shape of ``x``.
+    """
+    return _Mish.apply(x)
+
+
+class _Mish(torch.autograd.Function):
+    """Autograd of :func:`mish`: saves ``x``, ``t`` and ``u``; the backward is the closed form above."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        u = x.clamp(max=20.0).exp_()  # e^x
+        n = u.add(2.0).mul_(u)  # u (u + 2)
+        t = n.div_(n.add(2.0))  # tanh(softplus(x)), in n's storage
+        ctx.save_for_backward(x, t, u)
+        return x * t
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        x, t, u = ctx.saved_tensors
+        x_sigmoid = u.add(1.0).reciprocal_().mul_(u).mul_(x)  # x sigmoid(x)
+        slope = torch.addcmul(t, x_sigmoid, t.square().neg_().add_(1.0))  # t + x sigmoid(x) (1 - t^2)
+        return slope.mul_(grad)
+
+
+class Mish(nn.Module):
+    """:func:`mish` as a module (drop-in for ``torch.nn.Mish``; no parameters, same checkpoints)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Any shape -> the same shape."""
+        return mish(x)
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -90,6 +140,11 @@ class Denoiser(nn.Module):
     ``t = Linear(2d, d)(Mish(Linear(d, 2d)(SinusoidalPosEmb(d)(k))))`` with d = ``time_dim``, then
     ``concat(a_k, t, s, z) -> n_layers x (Linear hidden_dim, Mish) -> Linear A``.
 
+    The first layer is evaluated in two parts, ``W [a_k, t, s, z] + b = W_at [a_k, t] + (W_sz [s, z] + b)``:
+    the state-and-prompt part is the :meth:`context`, computed once per reverse chain and reused by its
+    K steps, since s and z do not change along the chain. Same weights and same function as the single
+    Linear; only the cost differs (``benchmarks/NOTES.md``).
+
     Args:
         obs_dim: state dimension S.
         act_dim: action dimension A.
@@ -114,39 +169,65 @@ class Denoiser(nn.Module):
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers!r}")
         self.obs_dim, self.act_dim, self.cond_dim = obs_dim, act_dim, cond_dim
+        self.hidden_dim, self.time_dim = hidden_dim, time_dim
         self.time_mlp = nn.Sequential(
             SinusoidalPosEmb(time_dim),
             nn.Linear(time_dim, time_dim * 2),
-            nn.Mish(),
+            Mish(),
             nn.Linear(time_dim * 2, time_dim),
         )
-        self.net = mlp(act_dim + time_dim + obs_dim + cond_dim, [hidden_dim] * n_layers, act_dim, nn.Mish)
+        self.net = mlp(act_dim + time_dim + obs_dim + cond_dim, [hidden_dim] * n_layers, act_dim, Mish)
 
-    def forward(self, a_k: Tensor, k: Tensor, obs: Tensor, cond: Tensor | None = None) -> Tensor:
-        """Predict the noise in ``a_k``.
+    @property
+    def first_layer(self) -> nn.Linear:
+        """``Linear(A + time_dim + S + C, hidden_dim)`` on ``concat(a_k, t, s, z)``."""
+        return cast(nn.Linear, self.net[0])
+
+    def context(self, obs: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The first layer's state-and-prompt part ``W_sz [s, z] + b``, shared by a chain's K steps.
+
+        Args:
+            obs: states, (B, S).
+            cond: prompt embeddings, (B, C); ``None`` or a (B, 0) tensor when ``cond_dim == 0``.
+
+        Returns:
+            (B, hidden_dim).
+        """
+        _check_last_dim("obs", obs, self.obs_dim)
+        cond = _conditioning(cond, obs, self.cond_dim)
+        first = self.first_layer
+        w_sz = first.weight[:, self.act_dim + self.time_dim :]  # (H, S + C)
+        return F.linear(torch.cat([obs, cond], dim=-1), w_sz, first.bias)  # (B, H)
+
+    def forward(self, a_k: Tensor, k: Tensor, context: Tensor) -> Tensor:
+        """Predict the noise in ``a_k``: ``eps_theta(a_k, k, s, z)`` with ``context = self.context(s, z)``.
 
         Args:
             a_k: noisy actions, (B, A).
             k: diffusion steps, LongTensor (B,).
-            obs: states, (B, S).
-            cond: prompt embeddings, (B, C); ``None`` or a (B, 0) tensor when ``cond_dim == 0``.
+            context: :meth:`context` of the states and prompts, (B, hidden_dim).
 
         Returns:
             eps, (B, A).
         """
         _check_last_dim("a_k", a_k, self.act_dim)
-        _check_last_dim("obs", obs, self.obs_dim)
-        cond = _conditioning(cond, obs, self.cond_dim)
+        _check_last_dim("context", context, self.hidden_dim)
         t = self.time_mlp(k)  # (B, time_dim)
-        return self.net(torch.cat([a_k, t, obs, cond], dim=-1))  # (B, A)
+        w_at = self.first_layer.weight[:, : self.act_dim + self.time_dim]  # (H, A + time_dim)
+        h = torch.addmm(context, torch.cat([a_k, t], dim=-1), w_at.T)  # (B, H), the first layer
+        for i in range(1, len(self.net)):
+            h = self.net[i](h)
+        return h  # (B, A)
 
 
 class StackedLinear(nn.Module):
     """H independent Linear layers applied in one batched matmul (``torch.baddbmm``).
 
-    ``y[h] = x[h] @ weight[h] + bias[h]``. Each head is initialised exactly as ``nn.Linear``'s
-    default (Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)) for weight and bias),
-    drawn independently per head.
+    ``y[h] = x[h] @ weight[h]^T + bias[h]``: ``weight[h]`` is laid out as ``nn.Linear``'s (out, in), which
+    is also the fast layout for ``baddbmm`` with a narrow output (the critics' last layer: 7x faster
+    forward than an (in, out) weight with out = 1; ``benchmarks/NOTES.md``). Each head is initialised
+    exactly as ``nn.Linear``'s default (Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))
+    for weight and bias), drawn independently per head.
 
     Args:
         n_heads: number of heads H.
@@ -159,7 +240,7 @@ class StackedLinear(nn.Module):
         if n_heads < 1 or in_dim < 1 or out_dim < 1:
             raise ValueError(f"n_heads, in_dim and out_dim must be >= 1, got {(n_heads, in_dim, out_dim)!r}")
         self.n_heads, self.in_dim, self.out_dim = n_heads, in_dim, out_dim
-        self.weight = nn.Parameter(torch.empty(n_heads, in_dim, out_dim))  # (H, in, out)
+        self.weight = nn.Parameter(torch.empty(n_heads, out_dim, in_dim))  # (H, out, in)
         self.bias = nn.Parameter(torch.empty(n_heads, 1, out_dim))  # (H, 1, out)
         self.reset_parameters()
 
@@ -170,7 +251,7 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(H, B, in) -> (H, B, out)."""
-        return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias, x, self.weight.transpose(1, 2))
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, in_dim={self.in_dim}, out_dim={self.out_dim}"
@@ -181,8 +262,8 @@ class TwinCritic(nn.Module):
 
     Each head is ``concat(s, a, z) -> n_layers x (Linear hidden_dim, Mish) -> Linear 1``
     (Diffusion-QL's critic, plus the prompt conditioning). The heads share no parameters: layer l
-    holds a (2, in, out) weight and runs both heads in one ``baddbmm``. ``layers[l].weight[h]`` is
-    the transposed ``nn.Linear`` weight of head h.
+    holds a (2, out, in) weight and runs both heads in one ``baddbmm``. ``layers[l].weight[h]`` is
+    the ``nn.Linear`` weight of head h.
 
     Args:
         obs_dim: state dimension S.
@@ -207,7 +288,7 @@ class TwinCritic(nn.Module):
             StackedLinear(self.n_heads, w_in, w_out)
             for w_in, w_out in zip(widths[:-1], widths[1:], strict=True)
         )
-        self.activation = nn.Mish()
+        self.activation = Mish()
 
     def forward(self, obs: Tensor, act: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Both heads' values.
@@ -350,10 +431,12 @@ class TrajectoryEncoder(nn.Module):
 
 __all__ = [
     "Denoiser",
+    "Mish",
     "SinusoidalPosEmb",
     "StackedLinear",
     "TextHead",
     "TrajectoryEncoder",
     "TwinCritic",
+    "mish",
     "mlp",
 ]

@@ -88,12 +88,16 @@ class PromptedPolicy(nn.Module):
 
     def eps(self, a_k: Tensor, k: Tensor, obs: Tensor, cond: Tensor) -> Tensor:
         """ε_θ(a^k, k, s, z): (B, A), (B,), (B, S), (B, C) → (B, A)."""
-        return self.denoiser(a_k, k, obs, cond)
+        return self.denoiser(a_k, k, self.denoiser.context(obs, cond))
 
     def sample(self, obs: Tensor, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """a⁰ ~ π_θ(· | s, z) through the full reverse chain (Eq. 4): (B, S), (B, C) → (B, A)."""
+        """a⁰ ~ π_θ(· | s, z) through the full reverse chain (Eq. 4): (B, S), (B, C) → (B, A).
+
+        The denoiser's state-and-prompt context is computed once for the K steps.
+        """
+        context = self.denoiser.context(obs, cond)  # (B, H)
         return self.diffusion.sample(
-            lambda a_k, k: self.denoiser(a_k, k, obs, cond),
+            lambda a_k, k: self.denoiser(a_k, k, context),
             (obs.shape[0], self.act_dim),
             generator,
             obs.device,

@@ -83,8 +83,8 @@ def make_datamodule(data: ModelData, **overrides: Any) -> PromptedOfflineDataMod
 def make_module(dm: PromptedOfflineDataModule, lr: float = 1e-3, **overrides: Any) -> LLMDPDModule:
     kwargs: dict[str, Any] = dict(
         TINY,
-        actor_optimizer=partial(torch.optim.Adam, lr=lr),
-        critic_optimizer=partial(torch.optim.Adam, lr=lr),
+        actor_optimizer=partial(torch.optim.Adam, lr=lr, fused=True),
+        critic_optimizer=partial(torch.optim.Adam, lr=lr, fused=True),
     )
     kwargs.update(overrides)
     return LLMDPDModule(dm.obs_dim, dm.act_dim, dm.text_embed_dim, dm.traj_prompt_len, **kwargs)
@@ -165,12 +165,18 @@ def write_config(path: Path, source: ModelData, root: Path, **sections: dict[str
             "default_root_dir": str(root),
             "enable_progress_bar": False,
             "enable_model_summary": False,
-            "callbacks": [{"class_path": "llmdpd_pl.callbacks.ema.ActorEMA",
-                           "init_args": {"decay": 0.9, "start": 1, "every": 1}}],
+            "callbacks": [
+                {
+                    "class_path": "llmdpd_pl.callbacks.ema.ActorEMA",
+                    "init_args": {"decay": 0.9, "start": 1, "every": 1},
+                }
+            ],
         },
-        "model": {**TINY,
-                  "actor_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
-                  "critic_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}}},
+        "model": {
+            **TINY,
+            "actor_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3, "fused": True}},
+            "critic_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3, "fused": True}},
+        },
         "data": {
             "seen_tasks": SEEN,
             "unseen_tasks": UNSEEN,
@@ -207,7 +213,12 @@ class RankStateDump(L.Callback):
         ema = pl_module.ema_policy
         state.update({f"ema.{k}": v.detach().cpu().clone() for k, v in ema.state_dict().items()})
         torch.save(
-            {"state": state, "updates": pl_module.updates, "global_step": trainer.global_step,
-             "world_size": trainer.world_size, "first_batch": self.first_batch},
+            {
+                "state": state,
+                "updates": pl_module.updates,
+                "global_step": trainer.global_step,
+                "world_size": trainer.world_size,
+                "first_batch": self.first_batch,
+            },
             Path(self.out_dir) / f"rank{trainer.global_rank}.pt",
         )

@@ -317,15 +317,15 @@ def test_diffusion_bc_learns_bimodal_actions() -> None:
         sign = torch.randint(0, 2, (batch, 1), generator=g).float() * 2 - 1
         a0 = MODE * sign + 0.02 * torch.randn(batch, 1, generator=g)  # (B, 1)
         a_k, k, noise = d.loss_inputs(a0, generator=g)
-        loss = nn.functional.mse_loss(net(a_k, k, obs), noise)
+        loss = nn.functional.mse_loss(net(a_k, k, net.context(obs)), noise)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
     n = 2000
     with torch.no_grad():
-        obs_eval = torch.zeros(n, 1)
-        samples = d.sample(lambda a, k: net(a, k, obs_eval), (n, 1), generator=g).squeeze(-1)
+        context = net.context(torch.zeros(n, 1))
+        samples = d.sample(lambda a, k: net(a, k, context), (n, 1), generator=g).squeeze(-1)
     pos, neg, zero = _mode_fractions(samples)
     assert pos >= 0.3 and neg >= 0.3, (pos, neg, zero)
     assert zero < 0.2, (pos, neg, zero)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmdpd_pl.networks import (
     Denoiser,
+    Mish,
     SinusoidalPosEmb,
     StackedLinear,
     TextHead,
     TrajectoryEncoder,
     TwinCritic,
+    mish,
     mlp,
 )
 
@@ -41,6 +44,23 @@ def test_sinusoidal_pos_emb() -> None:
         SinusoidalPosEmb(7)
 
 
+def test_mish_matches_torch_mish_and_its_gradient() -> None:
+    x = torch.linspace(-100.0, 100.0, 20_001, requires_grad=True)  # both tails and the cap at 20
+    ours, ref = mish(x), F.mish(x)
+    # One exp and a division vs PyTorch's tanh(log1p(exp)): float32 rounding of O(|x|) values.
+    torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-6)
+    g_ours, g_ref = (torch.autograd.grad(y.sum(), x)[0] for y in (ours, ref))
+    torch.testing.assert_close(g_ours, g_ref, atol=5e-6, rtol=1e-5)
+    big = torch.tensor([1e4, 3.0e38, -1e4])  # exp would overflow without the cap
+    assert torch.equal(mish(big), torch.tensor([1e4, 3.0e38, -0.0]))
+
+
+def test_mish_gradcheck_float64() -> None:
+    x = (torch.randn(64, dtype=torch.float64) * 5).requires_grad_()
+    assert torch.autograd.gradcheck(mish, (x,))
+    assert torch.equal(Mish()(x.detach()), mish(x.detach()))
+
+
 def test_mlp_structure() -> None:
     net = mlp(3, [8, 8], 2, nn.Mish)
     kinds = [type(m) for m in net]
@@ -51,10 +71,21 @@ def test_mlp_structure() -> None:
 def test_denoiser_shapes_and_grads() -> None:
     torch.manual_seed(0)
     net = Denoiser(S, A, C, hidden_dim=32)
-    eps = net(torch.randn(B, A), torch.randint(0, 5, (B,)), torch.randn(B, S), torch.randn(B, C))
+    context = net.context(torch.randn(B, S), torch.randn(B, C))
+    assert context.shape == (B, 32)
+    eps = net(torch.randn(B, A), torch.randint(0, 5, (B,)), context)
     assert eps.shape == (B, A)
     (eps * torch.randn_like(eps)).sum().backward()
     _assert_all_params_get_grad(net)
+
+
+def test_denoiser_split_first_layer_equals_one_linear_on_the_concatenation() -> None:
+    """W_at [a_k, t] + (W_sz [s, z] + b) is the single Linear of Diffusion-QL on concat(a_k, t, s, z)."""
+    torch.manual_seed(0)
+    net = Denoiser(S, A, C, hidden_dim=32)
+    a, k, s, z = torch.randn(B, A), torch.randint(0, 5, (B,)), torch.randn(B, S), torch.randn(B, C)
+    reference = net.net(torch.cat([a, net.time_mlp(k), s, z], dim=-1))
+    torch.testing.assert_close(net(a, k, net.context(s, z)), reference, atol=KERNEL_TOL, rtol=KERNEL_TOL)
 
 
 def test_denoiser_matches_diffusion_ql_layout() -> None:
@@ -66,7 +97,7 @@ def test_denoiser_matches_diffusion_ql_layout() -> None:
         (256, 256),
         (256, A),
     ]
-    assert sum(isinstance(m, nn.Mish) for m in net.net) == 3
+    assert sum(isinstance(m, Mish) for m in net.net) == 3
     t_lin = [m for m in net.time_mlp if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in t_lin] == [(16, 32), (32, 16)]
 
@@ -74,14 +105,16 @@ def test_denoiser_matches_diffusion_ql_layout() -> None:
 def test_denoiser_without_conditioning() -> None:
     net = Denoiser(S, A, 0, hidden_dim=32)
     a, k, s = torch.randn(B, A), torch.randint(0, 5, (B,)), torch.randn(B, S)
-    out_empty = net(a, k, s, torch.zeros(B, 0))
-    out_none = net(a, k, s)
+    out_empty = net(a, k, net.context(s, torch.zeros(B, 0)))
+    out_none = net(a, k, net.context(s))
     assert out_empty.shape == (B, A)
     assert torch.equal(out_empty, out_none)
     with pytest.raises(ValueError, match="cond"):
-        Denoiser(S, A, C, hidden_dim=32)(a, k, s)
+        Denoiser(S, A, C, hidden_dim=32).context(s)
     with pytest.raises(ValueError, match="obs"):
-        net(a, k, torch.randn(B, S + 1))
+        net.context(torch.randn(B, S + 1))
+    with pytest.raises(ValueError, match="context"):
+        net(a, k, torch.randn(B, 31))
 
 
 def test_twin_critic_shapes_and_independent_heads() -> None:
@@ -104,7 +137,7 @@ def test_twin_critic_matches_per_head_reference() -> None:
     for head in range(2):
         h = x
         for i, layer in enumerate(critic.layers):
-            h = nn.functional.linear(h, layer.weight[head].T, layer.bias[head, 0])
+            h = nn.functional.linear(h, layer.weight[head], layer.bias[head, 0])
             if i < len(critic.layers) - 1:
                 h = nn.functional.mish(h)
         torch.testing.assert_close(q[head], h.squeeze(-1), atol=KERNEL_TOL, rtol=KERNEL_TOL)
