@@ -34,6 +34,7 @@ class LLMDPDTrainer(L.Trainer):
         seen: bool | None = None,
         expert: bool | None = None,
         output: str | None = None,
+        videos: int | None = None,
     ) -> Any:
         """Evaluate a checkpoint by rollouts on the config's unseen (and optionally seen) tasks.
 
@@ -47,6 +48,8 @@ class LLMDPDTrainer(L.Trainer):
             seen: Evaluate the seen tasks too.
             expert: Add the scripted expert's reference row per task.
             output: Path of the results JSON.
+            videos: Episodes per task to record as GIFs (``<log_dir>/videos/test/``) and TensorBoard
+                images, besides the scored ones (overrides ``RolloutEvaluation.video_episodes``; 0: none).
         """
         from llmdpd_pl.callbacks.evaluation import RolloutEvaluation
 
@@ -59,6 +62,10 @@ class LLMDPDTrainer(L.Trainer):
                 if episodes < 1:
                     raise ValueError(f"--episodes must be >= 1, got {episodes}")
                 cb.test_episodes = episodes
+            if videos is not None:
+                if videos < 0:
+                    raise ValueError(f"--videos must be >= 0, got {videos}")
+                cb.video_episodes = videos
             cb.test_seen = cb.test_seen if seen is None else seen
             cb.expert_reference = cb.expert_reference if expert is None else expert
             cb.output = output or cb.output

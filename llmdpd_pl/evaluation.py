@@ -240,16 +240,35 @@ def format_results(rows: Sequence[TaskResult]) -> str:
     return "\n".join(lines)
 
 
-def write_json(rows: Sequence[TaskResult], path: str | Path, meta: dict[str, Any]) -> Path:
-    """Write ``{"meta": ..., "results": [rows]}`` atomically; return the path."""
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place; return the path.
+
+    Readers see the old file or the new one, never a partial one, and a failed write leaves no file behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"meta": meta, "results": [asdict(r) for r in rows]}, f, indent=2)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)  # a failed dump (e.g. an unserialisable meta value) leaves no partial file
+        os.unlink(tmp)
         raise
     return path
+
+
+def write_json(
+    rows: Sequence[TaskResult],
+    path: str | Path,
+    meta: dict[str, Any],
+    videos: Sequence[dict[str, Any]] | None = None,
+) -> Path:
+    """Write ``{"meta": ..., "results": [rows]}`` atomically, plus ``"videos"`` if given; return the path.
+
+    The JSON is built before anything is written, so an unserialisable value leaves the old file as it was.
+    """
+    data: dict[str, Any] = {"meta": meta, "results": [asdict(r) for r in rows]}
+    if videos is not None:
+        data["videos"] = list(videos)
+    return atomic_write(path, json.dumps(data, indent=2).encode())

@@ -24,6 +24,7 @@ from llmdpd_pl.evaluation import (
     PolicyFn,
     TaskResult,
     _success,
+    atomic_write,
     expert_policy,
     format_results,
     layout_seed,
@@ -284,6 +285,22 @@ def test_write_json_failure_keeps_old_file_and_leaves_no_temp(tmp_path: Path) ->
         write_json(_rows(), path, {"seed": object()})  # not JSON-serialisable: fails mid-write
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_write_json_lists_videos_when_given(tmp_path: Path) -> None:
+    videos = [{"task": "reach", "split": "seen", "episode": 0, "path": "videos/test/seen/reach_ep0.gif"}]
+    data = json.loads(write_json(_rows(), tmp_path / "r.json", {"seed": 0}, videos).read_text())
+    assert set(data) == {"meta", "results", "videos"} and data["videos"] == videos
+    data = json.loads(write_json(_rows(), tmp_path / "r.json", {"seed": 0}, []).read_text())
+    assert data["videos"] == []  # asked for, none recorded: the key says so
+
+
+def test_atomic_write_replaces_whole_files(tmp_path: Path) -> None:
+    path = atomic_write(tmp_path / "a" / "b.gif", b"first")
+    assert path.read_bytes() == b"first"
+    atomic_write(path, b"second")
+    assert path.read_bytes() == b"second"
+    assert [p.name for p in path.parent.iterdir()] == ["b.gif"]  # no temporary file left
 
 
 def test_format_results_lists_rows_and_agent_means() -> None:

@@ -1,9 +1,10 @@
 """Tests for ``RolloutEvaluation``: rows and the reduce, evaluation during fit, ``llmdpd test`` end to end.
 
-One tiny fit (4 updates, evaluating every 2) is shared by the module: its logged metrics are checked,
-and its checkpoint is what ``llmdpd test`` evaluates. Episodes last 20 steps and each task gets one env
-(building a Meta-World env costs ~0.6 s; stepping is cheap), so the tiny random agent's success rates
-mean nothing: these tests check plumbing (rows, counts, metrics, files), not performance.
+One tiny fit (4 updates, evaluating every 2, with one 64-px video per task) is shared by the module: its
+logged metrics and videos are checked, and its checkpoint is what ``llmdpd test`` evaluates. Episodes
+last 20 steps and each task gets one env (building a Meta-World env costs ~0.6 s; stepping is cheap), so
+the tiny random agent's success rates mean nothing: these tests check plumbing (rows, counts, metrics,
+files), not performance.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import yaml
+from PIL import Image
 
 from llmdpd_pl.callbacks.evaluation import RolloutEvaluation
 from llmdpd_pl.cli import build_cli, main
@@ -30,6 +33,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Constant:UserWarning")
 
 SEEN, UNSEEN = ("reach", "push"), ("box-close",)  # conftest's session collection
 EVAL_STEPS = 20
+VIDEO_STRIDE = 4  # RolloutEvaluation's default
+VIDEO_FRAMES = 1 + EVAL_STEPS // VIDEO_STRIDE  # the reset frame, then every 4th step
 
 
 def _evaluation(**overrides: object) -> dict:
@@ -43,6 +48,25 @@ def test_constructor_rejects_non_positive_counts() -> None:
         RolloutEvaluation(num_envs=0)
     with pytest.raises(ValueError, match="test_episodes"):
         RolloutEvaluation(test_episodes=0)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("video_episodes", -1, "video_episodes must be >= 0, got -1"),
+        ("video_size", 8, "video_size must be >= 16, got 8"),
+        ("video_stride", 0, "video_stride must be >= 1, got 0"),
+        ("video_fps", 0, "video_fps must be >= 1, got 0"),
+        ("video_fps", 60, "video_fps must be <= 50 .*, got 60"),
+    ],
+)
+def test_constructor_rejects_bad_video_options(option: str, value: int, message: str) -> None:
+    with pytest.raises(ValueError, match=f"RolloutEvaluation.{message}"):
+        RolloutEvaluation(**{option: value})  # type: ignore[arg-type]
+
+
+def test_videos_are_off_by_default() -> None:
+    assert RolloutEvaluation().video_episodes == 0
 
 
 def test_evaluate_on_one_rank_equals_run_episodes(tmp_path: Path) -> None:
@@ -66,21 +90,20 @@ class Fitted:
 
     config: Path
     ckpt: Path
-    metrics_csv: Path
+    log_dir: Path
     callback_metrics: set[str]
 
 
 @pytest.fixture(scope="module")
 def fitted(model_data: ModelData, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fitted]:
-    """Fit 4 updates with RolloutEvaluation(every_n_updates=2) and a CSV logger.
+    """Fit 4 updates with RolloutEvaluation(every_n_updates=2, video_episodes=1) and a CSV logger.
 
-    The config holds the RolloutEvaluation that ``llmdpd
-    test`` uses too.
+    The config holds the RolloutEvaluation that ``llmdpd test`` uses too.
     """
     root = tmp_path_factory.mktemp("fit")
     callbacks = [{"class_path": "llmdpd_pl.callbacks.ema.ActorEMA", "init_args": {"decay": 0.9, "start": 1,
                                                                                  "every": 1}},
-                 _evaluation(every_n_updates=2)]
+                 _evaluation(every_n_updates=2, video_episodes=1, video_size=64)]
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
               "init_args": {"save_dir": str(root), "name": "logs", "version": "fit"}}
     config = write_config(root / "config.yaml", model_data, root,
@@ -90,7 +113,7 @@ def fitted(model_data: ModelData, tmp_path_factory: pytest.TempPathFactory) -> I
         cli = build_cli(["fit", "--config", str(config)])
     assert cli.model.updates == 4
     (ckpt,) = (root / "logs" / "fit" / "checkpoints").glob("*.ckpt")
-    yield Fitted(config, ckpt, root / "logs" / "fit" / "metrics.csv", set(cli.trainer.callback_metrics))
+    yield Fitted(config, ckpt, root / "logs" / "fit", set(cli.trainer.callback_metrics))
 
 
 @pytest.fixture
@@ -102,7 +125,7 @@ def plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_fit_logs_eval_metrics_every_n_updates(fitted: Fitted) -> None:
     # callback_metrics is what ModelCheckpoint(monitor="eval/unseen/success") reads.
     assert {"eval/seen/success", "eval/unseen/success"} <= fitted.callback_metrics
-    with fitted.metrics_csv.open() as f:
+    with (fitted.log_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     evals = [r for r in rows if r.get("eval/seen/success")]
     # Updates 2 and 4 of 4, at the step Lightning gives that batch's train metrics (batches before it).
@@ -113,6 +136,16 @@ def test_fit_logs_eval_metrics_every_n_updates(fitted: Fitted) -> None:
                     "eval/seen/push/success", "eval/unseen/box-close/success"):
             assert 0.0 <= float(r[key]) <= 1.0, (key, r[key])
         assert float(r["eval/unseen/box-close/return"]) >= 0.0  # Meta-World rewards are in [0, 10]
+
+
+def test_fit_records_videos_at_each_evaluation(fitted: Fitted) -> None:
+    videos = fitted.log_dir / "videos"
+    expected = {f"update{u}/{split}/{task}_ep0.gif" for u in (2, 4)
+                for split, tasks in (("seen", SEEN), ("unseen", UNSEEN)) for task in tasks}
+    assert {p.relative_to(videos).as_posix() for p in videos.rglob("*.gif")} == expected
+    with Image.open(videos / "update4" / "unseen" / "box-close_ep0.gif") as gif:
+        assert gif.size == (64, 64)
+        assert 1 < gif.n_frames <= VIDEO_FRAMES  # Pillow merges identical consecutive frames
 
 
 def _table_rows(stdout: str) -> dict[tuple[str, str, str], int]:
@@ -132,7 +165,8 @@ def test_llmdpd_test_end_to_end(
     output = tmp_path / "r.json"
     capsys.readouterr()
     main(["test", "--config", str(config), "--ckpt_path", str(ckpt), "--episodes", "3", "--expert", "true",
-          "--output", str(output), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
+          "--output", str(output), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+          "--trainer.default_root_dir", str(tmp_path), "--videos", "0"])  # the config records 1 a task
     stdout = capsys.readouterr().out
 
     expected = {(t, "seen", p) for t in SEEN for p in ("agent", "expert")}
@@ -150,6 +184,53 @@ def test_llmdpd_test_end_to_end(
     assert data["meta"]["episodes_per_task"] == 3
     assert data["meta"]["ckpt_path"] == str(ckpt) and data["meta"]["updates"] == 4
     assert data["meta"]["max_steps"] == EVAL_STEPS and data["meta"]["world_size"] == 1
+    assert "videos" not in data and not (tmp_path / "videos").exists()  # --videos 0 overrides the config
+
+
+def test_llmdpd_test_videos(
+    fitted: Fitted, tmp_path: Path, capsys: pytest.CaptureFixture[str], plain_argv: None
+) -> None:
+    # The fit config with a TensorBoard logger; `--videos` 0 and 1 on otherwise identical runs.
+    config = yaml.safe_load(fitted.config.read_text())
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                   "init_args": {"save_dir": str(tmp_path), "name": "tb"}}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    results = {}
+    for videos in (0, 1):
+        main(["test", "--config", str(config_path), "--ckpt_path", str(fitted.ckpt), "--episodes", "2",
+              "--expert", "false", "--trainer.enable_progress_bar", "false", "--videos", str(videos),
+              "--trainer.logger.init_args.version", f"videos{videos}"])
+        results[videos] = json.loads((tmp_path / "tb" / f"videos{videos}" / "test_results.json").read_text())
+    stdout = capsys.readouterr().out
+
+    assert results[1]["results"] == results[0]["results"]  # the scores do not see the videos
+    log_dir = tmp_path / "tb" / "videos1"
+    tasks = [(t, "seen") for t in SEEN] + [(t, "unseen") for t in UNSEEN]
+    entries = results[1]["videos"]
+    assert [(e["task"], e["split"], e["episode"]) for e in entries] == [(t, s, 0) for t, s in tasks]
+    for e in entries:
+        path = Path(e["path"])
+        assert path == log_dir / "videos" / "test" / e["split"] / f"{e['task']}_ep0.gif"
+        assert e["frames"] == VIDEO_FRAMES and e["length"] == EVAL_STEPS and isinstance(e["success"], bool)
+        with Image.open(path) as gif:
+            assert gif.size == (64, 64)
+            assert 1 < gif.n_frames <= VIDEO_FRAMES  # Pillow merges identical consecutive frames
+    assert not list(log_dir.rglob("*.tmp"))  # written atomically
+    assert f"videos: {log_dir / 'videos' / 'test'}" in stdout.splitlines()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == sorted(f"test/{s}/{t}/video_ep0" for t, s in tasks)
+    for e in entries:
+        (image,) = events.Images(f"test/{e['split']}/{e['task']}/video_ep0")
+        assert (image.step, image.width, image.height) == (4, 64, 64)  # at the checkpoint's update count
+        assert image.encoded_image_string == Path(e["path"]).read_bytes()
+    no_videos = EventAccumulator(str(tmp_path / "tb" / "videos0"), size_guidance={"images": 0})
+    no_videos.Reload()
+    assert no_videos.Tags()["images"] == [] and "videos" not in results[0]
 
 
 def test_llmdpd_test_rejects_zero_episodes(
@@ -162,4 +243,12 @@ def test_llmdpd_test_rejects_zero_episodes(
               "--output", str(output), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
     message = str(info.value) + capsys.readouterr().err
     assert "episodes" in message and "0" in message
+    assert not output.exists()
+
+
+def test_llmdpd_test_rejects_negative_videos(fitted: Fitted, tmp_path: Path, plain_argv: None) -> None:
+    output = tmp_path / "r.json"
+    with pytest.raises(ValueError, match="--videos must be >= 0, got -1"):
+        main(["test", "--config", str(fitted.config), "--ckpt_path", str(fitted.ckpt), "--videos", "-1",
+              "--output", str(output), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
     assert not output.exists()
