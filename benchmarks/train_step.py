@@ -29,9 +29,11 @@ from llmdpd_pl.envs import ACT_DIM, OBS_DIM
 from llmdpd_pl.module import LLMDPDModule
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 20) -> float:
-    """Best FLOP/s of an n×n float32 matmul on ``device``."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 20
+) -> float:
+    """Best FLOP/s of an n×n matmul in ``dtype`` on ``device``."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats):
         if device.type == "cuda":
@@ -158,7 +160,9 @@ def main() -> None:
         trainer.fit(module, train_dataloaders=stream)
         timed = timer.stamps[args.warmup :]
         rates.append((len(timed) - 1) / (timed[-1] - timed[0]))
-    peak = matmul_peak(torch.device(args.device))
+    # The roofline of a mixed-precision run is the matmul peak of its low-precision dtype.
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(args.precision.split("-")[0], torch.float32)
+    peak = matmul_peak(torch.device(args.device), dtype)
     ups = statistics.median(rates)
     result = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
@@ -175,6 +179,7 @@ def main() -> None:
         "updates_per_s": ups,
         "updates_per_s_repeats": rates,
         "gflop_per_update": flops / 1e9,
+        "matmul_dtype": str(dtype).removeprefix("torch."),
         "matmul_peak_gflops": peak / 1e9,
         "roofline_fraction": ups * flops / peak,
     }

@@ -260,13 +260,29 @@ class GaussianDiffusion(nn.Module):
         nonzero = (k != 0).to(a_k.dtype).reshape(-1, *((1,) * (a_k.dim() - 1)))  # (B, 1)
         return mean + nonzero * (0.5 * log_variance).exp() * noise
 
-    def sample(
+    def chain_noise(
         self,
-        eps_model: EpsModel,
         shape: tuple[int, int],
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
+        """All the randomness of one reverse chain, drawn at once: standard normal, (K + 1, B, A).
+
+        ``noise[K]`` is a^K and ``noise[k]`` the noise added by step k (``noise[0]`` is unused: the last
+        step adds none). Drawing it up front keeps :meth:`sample` a pure function of its inputs, which
+        ``torch.compile`` can capture whole.
+
+        Args:
+            shape: ``(B, A)``.
+            generator: optional RNG (on ``device``), for reproducible samples.
+            device: defaults to the device of this module's buffers.
+        """
+        device = self.betas.device if device is None else torch.device(device)
+        return torch.randn(
+            (self.n_steps + 1, *shape), generator=generator, device=device, dtype=self.betas.dtype
+        )
+
+    def sample(self, eps_model: EpsModel, noise: Tensor) -> Tensor:
         """Draw a^0 ~ pi_theta by running the full reverse chain a^K ~ N(0, I), k = K-1, ..., 0.
 
         The chain is differentiable (no ``no_grad`` here): Diffusion-QL's actor loss (paper Eq. 7)
@@ -275,25 +291,18 @@ class GaussianDiffusion(nn.Module):
 
         Args:
             eps_model: ``eps_model(a_k, k) -> eps (B, A)``, conditioning closed over.
-            shape: ``(B, A)``.
-            generator: optional RNG for all noise draws (on ``device``), for reproducible samples.
-            device: where to sample; defaults to the device of this module's buffers.
+            noise: :meth:`chain_noise`, (K + 1, B, A).
 
         Returns:
             a^0, (B, A), clamped to [-max_action, max_action].
         """
-        device = self.betas.device if device is None else torch.device(device)
-        dtype = self.betas.dtype
-        batch = shape[0]
-        a = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # (B, A), a^K
+        if not isinstance(noise, Tensor) or noise.dim() != 3 or noise.shape[0] != self.n_steps + 1:
+            got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+            raise ValueError(f"noise must be a (K + 1 = {self.n_steps + 1}, B, A) tensor, got {got}")
+        a = noise[self.n_steps]  # (B, A), a^K
         for i in reversed(range(self.n_steps)):
-            k = torch.full((batch,), i, device=device, dtype=torch.long)  # (B,)
-            noise = (
-                torch.randn(shape, generator=generator, device=device, dtype=dtype)
-                if i > 0
-                else torch.zeros(shape, device=device, dtype=dtype)  # the last step adds no noise
-            )
-            a = self.p_sample(eps_model, a, k, noise)  # (B, A)
+            k = torch.full((a.shape[0],), i, device=a.device, dtype=torch.long)  # (B,)
+            a = self.p_sample(eps_model, a, k, noise[i])  # (B, A); noise[0] is masked out at k = 0
         return a.clamp(-self.max_action, self.max_action)
 
     # ----------------------------------------------------------------------------- training inputs

@@ -42,15 +42,15 @@ def _conditioning(cond: Tensor | None, obs: Tensor, cond_dim: int) -> Tensor:
 
 
 def mish(x: Tensor) -> Tensor:
-    """Mish (Misra 2019), the activation of Diffusion-QL's MLPs, in a form with a single ``exp``.
+    """Mish (Misra 2019), the activation of Diffusion-QL's MLPs, computed from one sigmoid.
 
-    ``mish(x) = x tanh(softplus(x)) = x n / (n + 2)``, with ``u = e^x`` and ``n = u (u + 2)``, since
-    ``tanh(log(1 + u)) = ((1 + u)^2 - 1) / ((1 + u)^2 + 1)``. The input of the ``exp`` is capped at 20,
-    where ``n / (n + 2)`` is 1 in float32, so ``n`` cannot overflow.
+    ``mish(x) = x tanh(softplus(x)) = x p / (2 - p)``, with ``s = sigmoid(x)`` and ``p = s (2 - s)``:
+    ``e^softplus(x) = 1 + e^x = 1 / (1 - s)``, so ``tanh(softplus(x)) = (1 - (1 - s)^2) / (1 + (1 - s)^2)``.
+    No intermediate overflows, and for x -> -inf, ``p ~ 2s`` keeps the relative accuracy of ``x e^x``.
 
-    ``d mish / dx = t + x (1 - t^2) sigmoid(x)`` with ``t = n / (n + 2)`` and ``sigmoid(x) = u / (1 + u)``.
+    ``d mish / dx = t + x s (1 - t^2)`` with ``t = tanh(softplus(x)) = p / (2 - p)``.
 
-    Same function as ``torch.nn.functional.mish`` (to float32 rounding), but about 2x faster forward and
+    Same function as ``torch.nn.functional.mish`` (to float32 rounding), but 2.8x faster forward and
     backward on CPU, where PyTorch's kernel evaluates ``tanh`` and ``log1p`` (``benchmarks/NOTES.md``).
 
     Args:
@@ -63,22 +63,20 @@ def mish(x: Tensor) -> Tensor:
 
 
 class _Mish(torch.autograd.Function):
-    """Autograd of :func:`mish`: saves ``x``, ``t`` and ``u``; the backward is the closed form above."""
+    """Autograd of :func:`mish`: saves ``x``, ``s`` and ``t``; the backward is the closed form above."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        u = x.clamp(max=20.0).exp_()  # e^x
-        n = u.add(2.0).mul_(u)  # u (u + 2)
-        t = n.div_(n.add(2.0))  # tanh(softplus(x)), in n's storage
-        ctx.save_for_backward(x, t, u)
+        s = torch.sigmoid(x)
+        p = torch.rsub(s, 2.0).mul_(s)  # s (2 - s)
+        t = p.div_(torch.rsub(p, 2.0))  # tanh(softplus(x)) = p / (2 - p), in p's storage
+        ctx.save_for_backward(x, s, t)
         return x * t
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        x, t, u = ctx.saved_tensors
-        x_sigmoid = u.add(1.0).reciprocal_().mul_(u).mul_(x)  # x sigmoid(x)
-        slope = torch.addcmul(t, x_sigmoid, t.square().neg_().add_(1.0))  # t + x sigmoid(x) (1 - t^2)
-        return slope.mul_(grad)
+        x, s, t = ctx.saved_tensors
+        return torch.addcmul(t, x * s, torch.rsub(t.square(), 1.0)).mul_(grad)  # (t + x s (1 - t^2)) grad
 
 
 class Mish(nn.Module):

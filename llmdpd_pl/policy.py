@@ -90,15 +90,11 @@ class PromptedPolicy(nn.Module):
         """ε_θ(a^k, k, s, z): (B, A), (B,), (B, S), (B, C) → (B, A)."""
         return self.denoiser(a_k, k, self.denoiser.context(obs, cond))
 
-    def sample(self, obs: Tensor, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, obs: Tensor, cond: Tensor, noise: Tensor) -> Tensor:
         """a⁰ ~ π_θ(· | s, z) through the full reverse chain (Eq. 4): (B, S), (B, C) → (B, A).
 
-        The denoiser's state-and-prompt context is computed once for the K steps.
+        ``noise`` is the chain's randomness, ``self.diffusion.chain_noise((B, A), generator)``,
+        (K + 1, B, A). The denoiser's state-and-prompt context is computed once for the K steps.
         """
         context = self.denoiser.context(obs, cond)  # (B, H)
-        return self.diffusion.sample(
-            lambda a_k, k: self.denoiser(a_k, k, context),
-            (obs.shape[0], self.act_dim),
-            generator,
-            obs.device,
-        )
+        return self.diffusion.sample(lambda a_k, k: self.denoiser(a_k, k, context), noise)

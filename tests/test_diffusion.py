@@ -204,9 +204,9 @@ def test_sample_bounds_and_reproducibility() -> None:
     d = GaussianDiffusion(n_steps=5, max_action=0.5)
     model = _TinyEps()
     with torch.no_grad():
-        s1 = d.sample(model, (256, 2), generator=torch.Generator().manual_seed(7))
-        s2 = d.sample(model, (256, 2), generator=torch.Generator().manual_seed(7))
-        s3 = d.sample(model, (256, 2), generator=torch.Generator().manual_seed(8))
+        s1 = d.sample(model, d.chain_noise((256, 2), generator=torch.Generator().manual_seed(7)))
+        s2 = d.sample(model, d.chain_noise((256, 2), generator=torch.Generator().manual_seed(7)))
+        s3 = d.sample(model, d.chain_noise((256, 2), generator=torch.Generator().manual_seed(8)))
     assert s1.shape == (256, 2)
     assert s1.abs().max() <= 0.5
     assert torch.equal(s1, s2)
@@ -215,7 +215,9 @@ def test_sample_bounds_and_reproducibility() -> None:
 
 def test_sample_single_step_chain() -> None:
     d = GaussianDiffusion(n_steps=1)
-    out = d.sample(lambda a, k: torch.zeros_like(a), (4, 3), generator=torch.Generator().manual_seed(0))
+    out = d.sample(
+        lambda a, k: torch.zeros_like(a), d.chain_noise((4, 3), generator=torch.Generator().manual_seed(0))
+    )
     assert out.shape == (4, 3) and torch.isfinite(out).all()
 
 
@@ -229,7 +231,7 @@ def test_gradient_flows_through_the_chain() -> None:
         calls.append(int(k[0]))
         return model(a, k)
 
-    out = d.sample(eps_model, (32, 2), generator=torch.Generator().manual_seed(0))
+    out = d.sample(eps_model, d.chain_noise((32, 2), generator=torch.Generator().manual_seed(0)))
     out.pow(2).sum().backward()
     assert calls == [4, 3, 2, 1, 0]  # k = K-1, ..., 0
     for name, p in model.named_parameters():
@@ -279,7 +281,9 @@ def test_sample_with_exact_denoiser_is_bimodal() -> None:
     """
     d = GaussianDiffusion(n_steps=10)
     with torch.no_grad():
-        s = d.sample(_exact_bimodal_eps(d), (20_000, 1), generator=torch.Generator().manual_seed(0))
+        s = d.sample(
+            _exact_bimodal_eps(d), d.chain_noise((20_000, 1), generator=torch.Generator().manual_seed(0))
+        )
     pos, neg, zero = _mode_fractions(s.squeeze(-1))
     # Margins of 0.025 are about 7 standard errors of a fraction estimated from 20k samples.
     assert pos > 0.45 and neg > 0.45, (pos, neg, zero)
@@ -325,7 +329,7 @@ def test_diffusion_bc_learns_bimodal_actions() -> None:
     n = 2000
     with torch.no_grad():
         context = net.context(torch.zeros(n, 1))
-        samples = d.sample(lambda a, k: net(a, k, context), (n, 1), generator=g).squeeze(-1)
+        samples = d.sample(lambda a, k: net(a, k, context), d.chain_noise((n, 1), generator=g)).squeeze(-1)
     pos, neg, zero = _mode_fractions(samples)
     assert pos >= 0.3 and neg >= 0.3, (pos, neg, zero)
     assert zero < 0.2, (pos, neg, zero)

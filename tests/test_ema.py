@@ -118,12 +118,11 @@ def test_q_targets_come_from_the_ema_actor(model_data: ModelData) -> None:
     assert dm.stream is not None
     batch = dm.stream.sample(0)
     obs, next_obs = module.normalize(batch.obs), module.normalize(batch.next_obs)
-    seen = torch.arange(module.n_seen)
-    cond = module.prompt_context(module.policy, seen, torch.zeros_like(seen))[batch.task_id].detach()
+    prompt_index = torch.zeros(module.n_seen, dtype=torch.long)
 
     def target() -> Tensor:
         gen = torch.Generator().manual_seed(0)
-        return module.critic_losses(batch, obs, next_obs, cond, torch.zeros_like(seen), gen).target_mean
+        return module.critic_losses(batch, obs, next_obs, prompt_index, gen).target_mean
 
     base = target()
     with torch.no_grad():  # change the online denoiser only: the target must not move

@@ -122,9 +122,8 @@ def test_critic_step_leaves_actor_and_actor_step_leaves_critic(model_data: Model
 def _actor_losses(module: LLMDPDModule, dm: Any) -> Any:
     batch = dm.stream.sample(0)
     gen = torch.Generator().manual_seed(0)
-    seen = torch.arange(module.n_seen)
-    cond = module.prompt_context(module.policy, seen, torch.zeros_like(seen))[batch.task_id]  # (B, C)
-    losses, _ = module.actor_losses(batch, module.normalize(batch.obs), cond, gen)
+    prompt_index = torch.zeros(module.n_seen, dtype=torch.long)
+    losses, _ = module.actor_losses(batch, module.normalize(batch.obs), prompt_index, gen)
     return losses
 
 
@@ -218,8 +217,8 @@ def _bandit_policy_actions(root: Path, eta: float, updates: int = 100) -> Tensor
     module.set_task_context(bandit_prompts(), torch.zeros(2), torch.ones(2), n_seen=1)
     make_trainer(root, updates).fit(module, train_dataloaders=stream)
     with torch.no_grad():  # the online (EMA-free) policy
-        return module.policy.sample(torch.zeros(1000, 2), torch.zeros(1000, 0),
-                                    torch.Generator().manual_seed(0))
+        noise = module.policy.diffusion.chain_noise((1000, 1), torch.Generator().manual_seed(0))
+        return module.policy.sample(torch.zeros(1000, 2), torch.zeros(1000, 0), noise)
 
 
 @pytest.mark.slow

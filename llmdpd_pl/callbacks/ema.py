@@ -40,10 +40,6 @@ class ActorEMA(L.Callback):
                 pl_module.policy, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True
             )
             self.averaged.requires_grad_(False)
-            # A compiled module's deep copy would still call the original's forward: drop it, recompile.
-            self.averaged.module.denoiser._compiled_call_impl = None
-            if pl_module.hparams.get("compile", False):
-                self.averaged.module.denoiser.compile()
             # It starts as a copy of the policy. Count that copy as the first average: AveragedModel's first
             # update_parameters() is otherwise a plain copy, which would delay averaging to start + every.
             self.averaged.n_averaged.fill_(1)

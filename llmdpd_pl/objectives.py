@@ -1,0 +1,131 @@
+"""The two objectives of one LLMDPD update (paper Algorithm 1), as pure functions of networks and tensors.
+
+Every random draw is an argument: the module draws them up front with the update's generator. Each
+objective is therefore one function that ``torch.compile`` can capture whole, forward and backward
+(``LLMDPDModule(compile=True)``): its ~6 denoiser passes, the critics and the losses then run as a
+few generated kernels instead of about a thousand small eager ops.
+
+Shapes: B batch rows, S state dim, A action dim, C conditioning dim, K diffusion steps, n backup
+candidates (``n_backup``; 1 without the max-Q backup), T tasks, E LLM width, L prompt length.
+
+``prompts`` is one prompt per seen task, ``(text (T, E), traj_obs (T, L, S) normalised, traj_act (T, L, A))``,
+and ``task_id`` (B,) maps each row to its task: each task's prompts are encoded once, then gathered.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llmdpd_pl.losses import (
+    ActorLosses,
+    CriticLosses,
+    actor_loss,
+    actor_q_term,
+    critic_loss,
+    diffusion_loss,
+    max_q_backup,
+    td_target,
+)
+from llmdpd_pl.networks import TwinCritic
+from llmdpd_pl.policy import PromptedPolicy
+
+Prompts = tuple[Tensor, Tensor, Tensor]
+"""(text embeddings (T, E), normalised trajectory states (T, L, S), trajectory actions (T, L, A))."""
+
+
+def critic_objective(
+    critic: TwinCritic,
+    critic_target: TwinCritic,
+    policy: PromptedPolicy,
+    ema: PromptedPolicy,
+    prompts: Prompts,
+    task_id: Tensor,
+    obs: Tensor,
+    action: Tensor,
+    reward: Tensor,
+    not_done: Tensor,
+    next_obs: Tensor,
+    target_noise: Tensor,
+    gamma: float,
+    n_backup: int,
+) -> CriticLosses:
+    """Eq. 6 with a' ~ π_EMA(· | s', z_EMA) from the EMA actor's full reverse chain (Diffusion-QL).
+
+    The critics' task context is the online policy's z, without gradient: the prompt encoders are
+    trained by the actor loss only (Algorithm 1); the EMA actor encodes the same prompts with its weights.
+
+    Args:
+        critic: Q_φ1, Q_φ2.
+        critic_target: Q_φ1', Q_φ2'.
+        policy: the online actor, whose prompt encoders give the critics' context.
+        ema: the EMA actor, which draws a'.
+        prompts: the update's prompt of each seen task.
+        task_id: task of each row, (B,).
+        obs: normalised s, (B, S).
+        action: dataset a, (B, A).
+        reward: r, (B,).
+        not_done: 1 − terminal, (B,).
+        next_obs: normalised s', (B, S).
+        target_noise: chain noise of a', (K + 1, B·n, A).
+        gamma: discount γ.
+        n_backup: candidates of the max-Q backup (``max_q_backup``); 1 takes the single a'.
+
+    Returns:
+        The critic loss (to backpropagate) and its statistics.
+    """
+    with torch.no_grad():
+        cond = policy.encode_prompts(*prompts)[task_id]  # (B, C)
+        ema_cond = ema.encode_prompts(*prompts)[task_id]  # (B, C)
+        next_rep, ema_rep, cond_rep = (x.repeat_interleave(n_backup, 0) for x in (next_obs, ema_cond, cond))
+        a_next = ema.sample(next_rep, ema_rep, target_noise)  # (B·n, A)
+        q1n, q2n = critic_target(next_rep, a_next, cond_rep)  # (B·n,) each
+        q1n, q2n = max_q_backup(q1n.view(-1, n_backup)), max_q_backup(q2n.view(-1, n_backup))  # (B,)
+        target = td_target(reward, not_done, q1n, q2n, gamma)  # (B,)
+    q1, q2 = critic(obs, action, cond)
+    return CriticLosses(critic_loss(q1, q2, target), q1.detach().mean(), q2.detach().mean(), target.mean())
+
+
+def actor_objective(
+    policy: PromptedPolicy,
+    critic: TwinCritic,
+    prompts: Prompts,
+    task_id: Tensor,
+    obs: Tensor,
+    a_k: Tensor,
+    k: Tensor,
+    eps: Tensor,
+    chain_noise: Tensor,
+    eta: float,
+    pick_first: bool,
+) -> tuple[ActorLosses, Tensor]:
+    """Eq. 5 + η · normalised Eq. 7 = Eq. 8, differentiable in θ and, through z, in ψ and φ.
+
+    The caller freezes the critic (``requires_grad_(False)``): the Q term's gradient reaches the actions
+    and, through the reverse chain, the policy, but no critic parameter.
+
+    Args:
+        policy: the online actor π_θ.
+        critic: Q_φ1, Q_φ2, frozen.
+        prompts: the update's prompt of each seen task (encoded here, with gradient to ψ and φ).
+        task_id: task of each row, (B,).
+        obs: normalised s, (B, S).
+        a_k: noised dataset actions of Eq. 5, (B, A) (``GaussianDiffusion.loss_inputs``).
+        k: their diffusion steps, (B,).
+        eps: the noise Eq. 5 regresses on, (B, A).
+        chain_noise: noise of the reverse chain that samples a⁰, (K + 1, B, A).
+        eta: λ of Eq. 8 (weight of the normalised Q term).
+        pick_first: the Q term uses Q_φ1 (normalised by |Q_φ2|) if True, else the reverse (Algorithm 1).
+
+    Returns:
+        The losses, and the sampled a⁰ detached, (B, A).
+    """
+    cond = policy.encode_prompts(*prompts)[task_id]  # (B, C)
+    bc = diffusion_loss(policy.eps(a_k, k, obs, cond), eps)
+    a_new = policy.sample(obs, cond, chain_noise)  # (B, A), differentiable through the chain
+    q1, q2 = critic(obs, a_new, cond.detach())
+    q_term = actor_q_term(q1, q2) if pick_first else actor_q_term(q2, q1)
+    return ActorLosses(actor_loss(bc, q_term, eta), bc, q_term), a_new.detach()
+
+
+__all__ = ["Prompts", "actor_objective", "critic_objective"]
