@@ -1,10 +1,17 @@
 """Time the real ``LLMDPDModule`` update: updates/s, FLOPs per update, matmul peak, roofline fraction.
 
     python benchmarks/train_step.py [--config configs/metaworld.yaml] [--updates 200] [--repeats 3]
+        [--compile | --no-compile] [--precision bf16-mixed] [--ablate torch_mish ...]
 
-The model is built from the config's ``model`` section (the real one: both prompts, K = 5), with 3 tasks
-and batch 256. The data are random tensors of the real shapes (content does not change the cost), fed
-through the real ``BatchStream`` and a real ``Trainer``. Prints the figures and writes JSON next to this file.
+The model is built from the config's ``model`` section (the real one: both prompts, K = 5, its optimizers
+and its ``compile`` setting), with 3 tasks and batch 256, and the config's ``ActorEMA``. The data are random
+tensors of the real shapes (content does not change the cost), fed through the real ``BatchStream`` and a
+real ``Trainer``. Prints the figures and writes JSON next to this file.
+
+``--ablate`` undoes one optimisation at a time, to measure what each is worth (``NOTES.md``):
+``torch_mish`` (PyTorch's Mish kernel), ``per_step_context`` (the denoiser's state-and-prompt part of the
+first layer recomputed at every chain step), ``unfused_adam`` (``torch.optim.Adam`` without ``fused``),
+``log_every_update`` (Lightning logging on every update).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,11 +30,15 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from llmdpd_pl import networks
+from llmdpd_pl.callbacks.ema import ActorEMA
 from llmdpd_pl.data.datamodule import BatchStream, TaskPrompts, Transitions
 from llmdpd_pl.envs import ACT_DIM, OBS_DIM
 from llmdpd_pl.module import LLMDPDModule
+from llmdpd_pl.policy import PromptedPolicy
 
 
 def matmul_peak(
@@ -65,13 +77,38 @@ def optimizer_from_config(spec: dict[str, Any] | None) -> Any:
     return partial(getattr(importlib.import_module(module_name), cls), **spec.get("init_args", {}))
 
 
+def ema_from_config(cfg: dict[str, Any]) -> list[L.Callback]:
+    """The config's ``ActorEMA`` callback (its EMA update is part of every training update)."""
+    for spec in cfg.get("trainer", {}).get("callbacks", []) or []:
+        if spec.get("class_path", "").endswith("ActorEMA"):
+            return [ActorEMA(**spec.get("init_args", {}))]
+    return []
+
+
+def apply_ablations(ablations: list[str]) -> None:
+    """Undo optimisations in place (process-wide), to measure each one's worth."""
+    if "torch_mish" in ablations:
+        networks.mish = torch.nn.functional.mish  # Mish modules look the function up at call time
+    if "per_step_context" in ablations:
+
+        def sample(self: PromptedPolicy, obs: Tensor, cond: Tensor, noise: Tensor) -> Tensor:
+            return self.diffusion.sample(
+                lambda a_k, k: self.denoiser(a_k, k, self.denoiser.context(obs, cond)), noise
+            )
+
+        PromptedPolicy.sample = sample  # type: ignore[method-assign]
+
+
 def build(
-    config: Path, batch_size: int, n_tasks: int, device: str, **overrides: Any
+    config: Path, batch_size: int, n_tasks: int, device: str, ablations: Sequence[str] = (), **overrides: Any
 ) -> tuple[LLMDPDModule, BatchStream]:
     cfg = yaml.safe_load(config.read_text())
     model_cfg = {k: v for k, v in cfg.get("model", {}).items() if not k.endswith(("optimizer", "scheduler"))}
     for name in ("actor_optimizer", "critic_optimizer"):  # the config's optimizers (e.g. fused Adam)
-        model_cfg[name] = optimizer_from_config(cfg.get("model", {}).get(name))
+        spec = cfg.get("model", {}).get(name)
+        if spec is not None and "unfused_adam" in ablations:
+            spec = {**spec, "init_args": {k: v for k, v in spec.get("init_args", {}).items() if k != "fused"}}
+        model_cfg[name] = optimizer_from_config(spec)
     model_cfg.update(overrides)
     data_cfg = cfg.get("data", {})
     L_, P, E, N = data_cfg.get("traj_prompt_len", 25), 5, 384, 100_000
@@ -131,7 +168,19 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
-    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser and critics")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the objectives (default: the config's model.compile)",
+    )
+    p.add_argument(
+        "--ablate",
+        nargs="*",
+        default=[],
+        choices=["torch_mish", "per_step_context", "unfused_adam", "log_every_update"],
+        help="undo these optimisations",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("train_step.json"))
     args = p.parse_args()
@@ -140,11 +189,16 @@ def main() -> None:
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     torch.manual_seed(0)
 
-    module, stream = build(args.config, args.batch_size, args.tasks, args.device)
+    apply_ablations(args.ablate)
+    cfg = yaml.safe_load(args.config.read_text())
+    compile_ = cfg.get("model", {}).get("compile", False) if args.compile is None else args.compile
+    module, stream = build(args.config, args.batch_size, args.tasks, args.device, args.ablate, compile=False)
     flops = count_flops(module, stream, accelerator, args.precision)  # eager: compile does not change FLOPs
     rates = []
     for _ in range(args.repeats):
-        module, stream = build(args.config, args.batch_size, args.tasks, args.device, compile=args.compile)
+        module, stream = build(
+            args.config, args.batch_size, args.tasks, args.device, args.ablate, compile=compile_
+        )
         timer = _Timer()
         trainer = L.Trainer(
             accelerator=accelerator,
@@ -155,7 +209,8 @@ def main() -> None:
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[timer],
+            callbacks=[timer, *ema_from_config(cfg)],
+            log_every_n_steps=1 if "log_every_update" in args.ablate else 50,
         )
         trainer.fit(module, train_dataloaders=stream)
         timed = timer.stamps[args.warmup :]
@@ -173,7 +228,8 @@ def main() -> None:
         "batch_size": args.batch_size,
         "tasks": args.tasks,
         "precision": args.precision,
-        "compile": args.compile,
+        "compile": compile_,
+        "ablations": args.ablate,
         "warmup_updates": args.warmup,
         "timed_updates": args.updates,
         "updates_per_s": ups,
