@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 
 from llmdpd_pl.data.collect import derive_seed
 from llmdpd_pl.envs import MAX_EPISODE_STEPS, make_env, scripted_policy
+from llmdpd_pl.files import atomic_write
 
 #: policy(obs (N, S) float64, task) → actions (N, A) in [-1, 1]
 PolicyFn = Callable[[np.ndarray, str], np.ndarray]
@@ -238,24 +237,6 @@ def format_results(rows: Sequence[TaskResult]) -> str:
             mean = 100 * float(np.mean([r.success_rate for r in agent]))
             lines.append(f"{'mean ' + split:<36}{mean:>8.1f}%")
     return "\n".join(lines)
-
-
-def atomic_write(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place; return the path.
-
-    Readers see the old file or the new one, never a partial one, and a failed write leaves no file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 def write_json(

@@ -24,7 +24,6 @@ from llmdpd_pl.evaluation import (
     PolicyFn,
     TaskResult,
     _success,
-    atomic_write,
     expert_policy,
     format_results,
     layout_seed,
@@ -293,14 +292,6 @@ def test_write_json_lists_videos_when_given(tmp_path: Path) -> None:
     assert set(data) == {"meta", "results", "videos"} and data["videos"] == videos
     data = json.loads(write_json(_rows(), tmp_path / "r.json", {"seed": 0}, []).read_text())
     assert data["videos"] == []  # asked for, none recorded: the key says so
-
-
-def test_atomic_write_replaces_whole_files(tmp_path: Path) -> None:
-    path = atomic_write(tmp_path / "a" / "b.gif", b"first")
-    assert path.read_bytes() == b"first"
-    atomic_write(path, b"second")
-    assert path.read_bytes() == b"second"
-    assert [p.name for p in path.parent.iterdir()] == ["b.gif"]  # no temporary file left
 
 
 def test_format_results_lists_rows_and_agent_means() -> None:

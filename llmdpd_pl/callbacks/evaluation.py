@@ -33,7 +33,6 @@ from llmdpd_pl.evaluation import (
     Counts,
     PolicyFn,
     TaskResult,
-    atomic_write,
     expert_policy,
     format_results,
     make_eval_envs,
@@ -41,6 +40,7 @@ from llmdpd_pl.evaluation import (
     shard,
     write_json,
 )
+from llmdpd_pl.files import atomic_write
 from llmdpd_pl.video import MAX_GIF_FPS, CameraName, encode_gif, gif_summary, make_video_env, record_episode
 
 

@@ -11,10 +11,9 @@ and recomputed, never used.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Literal
 import torch
 
 from llmdpd_pl.data.prompts import DEFAULT_INSTRUCTION
+from llmdpd_pl.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -213,19 +213,13 @@ class EmbeddingCache:
         return vec
 
     def save(self, key: str, vec: torch.Tensor, meta: Mapping[str, str]) -> None:
-        """Write atomically: a temporary file renamed into place."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Write atomically (:func:`~llmdpd_pl.files.atomic_write`)."""
         vec = vec.detach().to(torch.float32).contiguous().cpu()
         entry = {"key": key, "embedding": vec, "sha256": hashlib.sha256(vec.numpy().tobytes()).hexdigest()}
         entry["meta"] = dict(meta)
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(entry, tmp)
-            os.replace(tmp, self.path(key))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        buffer = io.BytesIO()
+        torch.save(entry, buffer)
+        atomic_write(self.path(key), buffer.getvalue())
 
 
 @dataclass(frozen=True)
