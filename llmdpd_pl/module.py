@@ -259,21 +259,21 @@ class LLMDPDModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def critic_losses(
-        self, batch: Batch, obs: Tensor, next_obs: Tensor, prompt_index: Tensor, gen: torch.Generator
+        self, batch: Batch, obs: Tensor, next_obs: Tensor, prompts: Prompts, gen: torch.Generator
     ) -> CriticLosses:
         """Eq. 6 with a' from the EMA actor's full reverse chain (:func:`critic_objective`).
 
-        prompt_index: (T_seen,) the update's prompt episode per task, shared by the online and EMA actors.
+        prompts: the update's prompt of each seen task (:meth:`task_prompts`), shared by the online and EMA
+        actors and by the actor step.
         """
         n = self.hparams["n_backup_samples"] if self.hparams["max_q_backup"] else 1
         noise = self.policy.diffusion.chain_noise((len(obs) * n, batch.action.shape[1]), gen, self.device)
-        seen = torch.arange(self.n_seen, device=self.device)
         return self._critic_objective(
             self.critic,
             self.critic_target,
             self.policy,
             self.ema_policy,
-            self.task_prompts(seen, prompt_index),
+            prompts,
             batch.task_id,
             obs,
             batch.action,
@@ -286,17 +286,16 @@ class LLMDPDModule(L.LightningModule):
         )
 
     def actor_losses(
-        self, batch: Batch, obs: Tensor, prompt_index: Tensor, gen: torch.Generator
+        self, batch: Batch, obs: Tensor, prompts: Prompts, gen: torch.Generator
     ) -> tuple[ActorLosses, Tensor]:
         """Eq. 5 + η · normalised Eq. 7 = Eq. 8 (:func:`actor_objective`), and the sampled a⁰ (B, A)."""
         a_k, k, eps = self.policy.diffusion.loss_inputs(batch.action, gen)
         chain_noise = self.policy.diffusion.chain_noise(tuple(batch.action.shape), gen, self.device)
         pick_first = bool(torch.rand((), generator=gen, device=self.device) < 0.5)
-        seen = torch.arange(self.n_seen, device=self.device)
         return self._actor_objective(
             self.policy,
             self.critic,
-            self.task_prompts(seen, prompt_index),
+            prompts,
             batch.task_id,
             obs,
             a_k,
@@ -321,10 +320,11 @@ class LLMDPDModule(L.LightningModule):
         critic_opt, actor_opt = self.optimizers()  # type: ignore[misc]
         gen = self._generator()
         obs, next_obs = self.normalize(batch.obs), self.normalize(batch.next_obs)  # (B, S)
-        prompt_index = self._train_prompt_index(gen)  # (T_seen,)
+        seen = torch.arange(self.n_seen, device=self.device)
+        prompts = self.task_prompts(seen, self._train_prompt_index(gen))  # one prompt per seen task
 
         # 1. Critic step (Eq. 6).
-        c = self.critic_losses(batch, obs, next_obs, prompt_index, gen)
+        c = self.critic_losses(batch, obs, next_obs, prompts, gen)
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(c.loss)
         c_norms = clip_grad_norms({"critic": self.critic.parameters()}, self.hparams["grad_clip"])
@@ -332,7 +332,7 @@ class LLMDPDModule(L.LightningModule):
 
         # 2. Actor + prompt-encoder step (Eq. 8). The critic is frozen so no gradient lands in it.
         self.critic.requires_grad_(False)
-        a, a_new = self.actor_losses(batch, obs, prompt_index, gen)
+        a, a_new = self.actor_losses(batch, obs, prompts, gen)
         actor_opt.zero_grad(set_to_none=True)
         self.manual_backward(a.loss)
         self.critic.requires_grad_(True)

@@ -118,11 +118,11 @@ def test_q_targets_come_from_the_ema_actor(model_data: ModelData) -> None:
     assert dm.stream is not None
     batch = dm.stream.sample(0)
     obs, next_obs = module.normalize(batch.obs), module.normalize(batch.next_obs)
-    prompt_index = torch.zeros(module.n_seen, dtype=torch.long)
+    prompts = module.task_prompts(torch.arange(module.n_seen), torch.zeros(module.n_seen, dtype=torch.long))
 
     def target() -> Tensor:
         gen = torch.Generator().manual_seed(0)
-        return module.critic_losses(batch, obs, next_obs, prompt_index, gen).target_mean
+        return module.critic_losses(batch, obs, next_obs, prompts, gen).target_mean
 
     base = target()
     with torch.no_grad():  # change the online denoiser only: the target must not move

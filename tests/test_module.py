@@ -123,8 +123,8 @@ def test_critic_step_leaves_actor_and_actor_step_leaves_critic(model_data: Model
 def _actor_losses(module: LLMDPDModule, dm: Any) -> Any:
     batch = dm.stream.sample(0)
     gen = torch.Generator().manual_seed(0)
-    prompt_index = torch.zeros(module.n_seen, dtype=torch.long)
-    losses, _ = module.actor_losses(batch, module.normalize(batch.obs), prompt_index, gen)
+    prompts = module.task_prompts(torch.arange(module.n_seen), torch.zeros(module.n_seen, dtype=torch.long))
+    losses, _ = module.actor_losses(batch, module.normalize(batch.obs), prompts, gen)
     return losses
 
 
@@ -372,14 +372,14 @@ def test_compiled_objectives_match_eager(model_data: ModelData) -> None:
     assert dm.stream is not None
     batch = dm.stream.sample(0)
     obs, next_obs = module.normalize(batch.obs), module.normalize(batch.next_obs)
-    prompt_index = torch.zeros(module.n_seen, dtype=torch.long)
+    prompts = module.task_prompts(torch.arange(module.n_seen), torch.zeros(module.n_seen, dtype=torch.long))
 
     def losses_and_grads() -> tuple[list[Tensor], list[Tensor]]:
         module.zero_grad(set_to_none=True)
-        c = module.critic_losses(batch, obs, next_obs, prompt_index, torch.Generator().manual_seed(0))
+        c = module.critic_losses(batch, obs, next_obs, prompts, torch.Generator().manual_seed(0))
         c.loss.backward()
         module.critic.requires_grad_(False)
-        a, a_new = module.actor_losses(batch, obs, prompt_index, torch.Generator().manual_seed(1))
+        a, a_new = module.actor_losses(batch, obs, prompts, torch.Generator().manual_seed(1))
         a.loss.backward()
         module.critic.requires_grad_(True)
         grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
