@@ -9,10 +9,11 @@ Prints the figures and writes JSON next to this file.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from report import report
 
 from llmdpd_pl.data.collect import DatasetSpec, QualityLevel, collect
 
@@ -43,10 +44,11 @@ def main() -> None:
         "seconds": seconds,
         "transitions_per_s": transitions / seconds,
     }
-    print(json.dumps(result, indent=2))
-    print(f"{transitions} transitions in {seconds:.1f} s: {transitions / seconds:.0f} transitions/s")
-    args.out.write_text(json.dumps(result, indent=2))
-    print(args.out)
+    report(
+        result,
+        f"{transitions} transitions in {seconds:.1f} s: {transitions / seconds:.0f} transitions/s",
+        args.out,
+    )
 
 
 if __name__ == "__main__":

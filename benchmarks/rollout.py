@@ -11,7 +11,6 @@ cost does not depend on the weights). Prints the figures and writes JSON next to
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from report import report  # noqa: E402
 from train_step import build  # noqa: E402
 
 from llmdpd_pl.callbacks.evaluation import module_policy  # noqa: E402
@@ -69,10 +69,11 @@ def main() -> None:
         "policy_env_steps_per_s": agent,
         "ratio": agent / raw,
     }
-    print(json.dumps(result, indent=2))
-    print(f"raw {raw:.0f} steps/s | with policy {agent:.0f} steps/s | ratio {100 * agent / raw:.1f}%")
-    args.out.write_text(json.dumps(result, indent=2))
-    print(args.out)
+    report(
+        result,
+        f"raw {raw:.0f} steps/s | with policy {agent:.0f} steps/s | ratio {100 * agent / raw:.1f}%",
+        args.out,
+    )
 
 
 if __name__ == "__main__":

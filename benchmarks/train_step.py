@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import platform
 import statistics
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from report import report
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -239,13 +239,12 @@ def main() -> None:
         "matmul_peak_gflops": peak / 1e9,
         "roofline_fraction": ups * flops / peak,
     }
-    print(json.dumps(result, indent=2))
-    print(
+    report(
+        result,
         f"updates/s {ups:.2f} | {flops / 1e9:.2f} GFLOP/update | peak {peak / 1e9:.0f} GFLOP/s | "
-        f"roofline {100 * result['roofline_fraction']:.1f}%"
+        f"roofline {100 * result['roofline_fraction']:.1f}%",
+        args.out,
     )
-    args.out.write_text(json.dumps(result, indent=2))
-    print(args.out)
 
 
 if __name__ == "__main__":
