@@ -217,6 +217,19 @@ def random_policy(seed: int = 0) -> PolicyFn:
     return lambda obs, task: rng.uniform(-1, 1, size=(len(obs), 4)).astype(np.float32)
 
 
+def mean_success(rows: Sequence[TaskResult], policy: str = "agent") -> dict[str, float]:
+    """Mean success rate over the tasks of each split, for ``policy``'s rows: ``{"seen": …, "unseen": …}``.
+
+    A split without rows is left out.
+    """
+    means = {}
+    for split in ("seen", "unseen"):
+        rates = [r.success_rate for r in rows if r.split == split and r.policy == policy]
+        if rates:
+            means[split] = float(np.mean(rates))
+    return means
+
+
 def format_results(rows: Sequence[TaskResult]) -> str:
     """A readable table: task, split, policy, success %, 95% CI, return, length, steps to success."""
     head = (
@@ -231,11 +244,8 @@ def format_results(rows: Sequence[TaskResult]) -> str:
             f"{r.task:<20}{r.split:<8}{r.policy:<8}{r.episodes:>5}{100 * r.success_rate:>8.1f}%"
             f"{ci:>15}{r.mean_return:>9.1f}{r.mean_length:>8.0f}{t:>8}"
         )
-    for split in ("seen", "unseen"):
-        agent = [r for r in rows if r.split == split and r.policy == "agent"]
-        if agent:
-            mean = 100 * float(np.mean([r.success_rate for r in agent]))
-            lines.append(f"{'mean ' + split:<36}{mean:>8.1f}%")
+    for split, mean in mean_success(rows).items():
+        lines.append(f"{'mean ' + split:<36}{100 * mean:>8.1f}%")
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from llmdpd_pl.evaluation import (
     expert_policy,
     format_results,
     layout_seed,
+    mean_success,
     make_eval_envs,
     random_policy,
     run_episodes,
@@ -292,6 +293,11 @@ def test_write_json_lists_videos_when_given(tmp_path: Path) -> None:
     assert set(data) == {"meta", "results", "videos"} and data["videos"] == videos
     data = json.loads(write_json(_rows(), tmp_path / "r.json", {"seed": 0}, []).read_text())
     assert data["videos"] == []  # asked for, none recorded: the key says so
+
+
+def test_mean_success_averages_each_split_of_one_policy() -> None:
+    assert mean_success(_rows()) == {"seen": 0.75, "unseen": 0.0}  # the agent's rows only
+    assert mean_success(_rows(), policy="expert") == {"unseen": 1.0}  # no expert row on a seen task
 
 
 def test_format_results_lists_rows_and_agent_means() -> None:

@@ -36,6 +36,7 @@ from llmdpd_pl.evaluation import (
     expert_policy,
     format_results,
     make_eval_envs,
+    mean_success,
     run_episodes,
     shard,
     write_json,
@@ -253,13 +254,10 @@ class RolloutEvaluation(L.Callback):
         policy = module_policy(pl_module, self.prompt_index, self.seed + pl_module.updates)
         rows = self.evaluate(trainer, {"agent": policy}, self._tasks(trainer, seen=True), self.episodes)
         metrics: dict[str, float] = {}
-        for split in ("seen", "unseen"):
-            split_rows = [r for r in rows if r.split == split]
-            for r in split_rows:
-                metrics[f"eval/{split}/{r.task}/success"] = r.success_rate
-                metrics[f"eval/{split}/{r.task}/return"] = r.mean_return
-            if split_rows:
-                metrics[f"eval/{split}/success"] = float(np.mean([r.success_rate for r in split_rows]))
+        for r in rows:
+            metrics[f"eval/{r.split}/{r.task}/success"] = r.success_rate
+            metrics[f"eval/{r.split}/{r.task}/return"] = r.mean_return
+        metrics.update({f"eval/{split}/success": mean for split, mean in mean_success(rows).items()})
         # Step metrics reach the loggers only on batches where step % log_every_n_steps == 0, which would
         # silently drop evaluations unless every_n_updates is a multiple of it: write to the loggers
         # directly, at the step Lightning gives this batch's train metrics. log_dict still fills
@@ -285,11 +283,8 @@ class RolloutEvaluation(L.Callback):
         tasks = self._tasks(trainer, seen=self.test_seen)
         rows = self.evaluate(trainer, policies, tasks, self.test_episodes)
         self.results = rows
-        agent = [r for r in rows if r.policy == "agent"]
-        for split in ("seen", "unseen"):
-            split_rows = [r for r in agent if r.split == split]
-            if split_rows:
-                pl_module.log(f"test/{split}/success", float(np.mean([r.success_rate for r in split_rows])))
+        for split, mean in mean_success(rows).items():
+            pl_module.log(f"test/{split}/success", mean)
         if trainer.is_global_zero:
             log_dir = Path(trainer.log_dir or ".")
             videos = None
