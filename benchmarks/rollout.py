@@ -3,14 +3,17 @@
     python benchmarks/rollout.py [--ckpt runs/.../last.ckpt] [--task box-close] [--num-envs 10] [--steps 500]
 
 Both measurements run ``evaluation.run_episodes`` on the same vector env (``num_envs`` copies of one task):
-once with a policy that returns fixed actions (raw stepping: env cost only), once with the policy under
-test. Without ``--ckpt`` the policy is a freshly initialised ``LLMDPDModule`` of the config's size (the
-cost does not depend on the weights). Prints the figures and writes JSON next to this file.
+with a policy that returns fixed actions (raw stepping: env cost only), and with the policy under test.
+They alternate for ``--rounds`` rounds and each figure is the median over rounds, so a slow spell of the
+machine hits both. Without ``--ckpt`` the policy is a freshly initialised ``LLMDPDModule`` of the config's
+size (the cost does not depend on the weights), with the config's ``compile`` (the compiled reverse chain
+is warmed up before timing). Prints the figures and writes JSON next to this file.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +44,13 @@ def main() -> None:
     p.add_argument("--num-envs", type=int, default=10)
     p.add_argument("--steps", type=int, default=200, help="steps per episode")
     p.add_argument("--action-selection", choices=["sample", "q_softmax"], default=None)
+    p.add_argument("--rounds", type=int, default=3, help="alternating raw / policy measurements")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the reverse chain (default: the config's or checkpoint's model.compile)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("rollout.json"))
     args = p.parse_args()
 
@@ -51,13 +61,21 @@ def main() -> None:
         module.task_names = (args.task, "task1", "task2")
     if args.action_selection:
         module.hparams.action_selection = args.action_selection
+    if args.compile is not None:
+        module.hparams.compile = args.compile
+    module.configure_model()  # as the Trainer does: compiles acting if ``compile``
     module.eval()
     envs = make_eval_envs(args.task, args.num_envs, seed=0)
     fixed = np.zeros((args.num_envs, 4), dtype=np.float32)
-    raw = steps_per_s(lambda obs, task: fixed, args.task, envs, args.num_envs, args.steps)
+    raws, agents = [], []
     with torch.inference_mode():
-        agent = steps_per_s(module_policy(module, 0, 0), args.task, envs, args.num_envs, args.steps)
+        policy = module_policy(module, 0, 0)
+        steps_per_s(policy, args.task, envs, args.num_envs, 2)  # warm-up (compilation)
+        for _ in range(args.rounds):
+            raws.append(steps_per_s(lambda obs, task: fixed, args.task, envs, args.num_envs, args.steps))
+            agents.append(steps_per_s(policy, args.task, envs, args.num_envs, args.steps))
     envs.close()
+    raw, agent = statistics.median(raws), statistics.median(agents)
     result = {
         "task": args.task,
         "num_envs": args.num_envs,
@@ -65,8 +83,12 @@ def main() -> None:
         "action_selection": module.hparams.action_selection,
         "n_action_candidates": module.hparams.n_action_candidates,
         "threads": torch.get_num_threads(),
+        "compile": bool(module.hparams.compile),
+        "rounds": args.rounds,
         "raw_env_steps_per_s": raw,
         "policy_env_steps_per_s": agent,
+        "raw_env_steps_per_s_rounds": raws,
+        "policy_env_steps_per_s_rounds": agents,
         "ratio": agent / raw,
     }
     report(

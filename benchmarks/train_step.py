@@ -8,6 +8,10 @@ and its ``compile`` setting), with 3 tasks and batch 256, and the config's ``Act
 tensors of the real shapes (content does not change the cost), fed through the real ``BatchStream`` and a
 real ``Trainer``. Prints the figures and writes JSON next to this file.
 
+The timed updates are in the EMA's steady state: the module's update counter starts at ``ActorEMA.start``,
+so the EMA averages every ``every`` updates, as in all but the first ``start`` (1000) updates of a run,
+instead of copying the policy at every update.
+
 ``--ablate`` undoes one optimisation at a time, to measure what each is worth (``NOTES.md``):
 ``torch_mish`` (PyTorch's Mish kernel), ``per_step_context`` (the denoiser's state-and-prompt part of the
 first layer recomputed at every chain step), ``unfused_adam`` (``torch.optim.Adam`` without ``fused``),
@@ -132,30 +136,40 @@ def build(
     return module, BatchStream(data, batch_size, 10**9, seed=0, rank=0, task_sampling="balanced")
 
 
-def count_flops(module: LLMDPDModule, stream: BatchStream, accelerator: str, precision: str) -> int:
-    """FLOPs of one update, counted by FlopCounterMode around a real training step."""
+def count_flops(
+    module: LLMDPDModule, stream: BatchStream, accelerator: str, precision: str, ema: list[L.Callback]
+) -> float:
+    """FLOPs per update, counted by FlopCounterMode around real training steps in the EMA's steady state.
+
+    With an ``ActorEMA``, the EMA's prompt embeddings are recomputed only after its writes (every ``every``
+    updates), so the count is the mean over ``every`` consecutive updates, one of which recomputes them.
+    """
     counter = FlopCounterMode(display=False)
+    n = ema[0].every if ema else 1
 
     class _Count(L.Callback):
-        def on_train_batch_start(self, *args: Any) -> None:
-            counter.__enter__()
+        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 0:
+                counter.__enter__()
 
-        def on_train_batch_end(self, *args: Any) -> None:
-            counter.__exit__(None, None, None)
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 2 * n:
+                counter.__exit__(None, None, None)
 
+    module.updates = ema[0].start if ema else 0
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
         precision=precision,
-        max_steps=2,
+        max_steps=2 * n,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[_Count()],
+        callbacks=[*ema, _Count()],
     )
     trainer.fit(module, train_dataloaders=stream)
-    return counter.get_total_flops()
+    return counter.get_total_flops() / n
 
 
 def main() -> None:
@@ -193,13 +207,15 @@ def main() -> None:
     cfg = yaml.safe_load(args.config.read_text())
     compile_ = cfg.get("model", {}).get("compile", False) if args.compile is None else args.compile
     module, stream = build(args.config, args.batch_size, args.tasks, args.device, args.ablate, compile=False)
-    flops = count_flops(module, stream, accelerator, args.precision)  # eager: compile does not change FLOPs
+    # Eager: compile does not change the FLOPs.
+    flops = count_flops(module, stream, accelerator, args.precision, ema_from_config(cfg))
     rates = []
     for _ in range(args.repeats):
         module, stream = build(
             args.config, args.batch_size, args.tasks, args.device, args.ablate, compile=compile_
         )
-        timer = _Timer()
+        timer, ema = _Timer(), ema_from_config(cfg)
+        module.updates = ema[0].start if ema else 0  # time the EMA's steady state (module docstring)
         trainer = L.Trainer(
             accelerator=accelerator,
             devices=1,
@@ -209,7 +225,7 @@ def main() -> None:
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[timer, *ema_from_config(cfg)],
+            callbacks=[timer, *ema],
             log_every_n_steps=1 if "log_every_update" in args.ablate else 50,
         )
         trainer.fit(module, train_dataloaders=stream)

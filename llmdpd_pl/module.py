@@ -55,6 +55,21 @@ def clip_grad_norms(groups: Mapping[str, Iterable[nn.Parameter]], max_norm: floa
     return {**norms, "total": total}
 
 
+def scored_candidates(
+    policy: PromptedPolicy, critic: TwinCritic, obs: Tensor, cond: Tensor, critic_cond: Tensor, noise: Tensor
+) -> tuple[Tensor, Tensor]:
+    """n candidate actions per state from the policy's reverse chain, and min(Q1, Q2) of each.
+
+    (N, S), (N, C), (N, C), chain noise (K + 1, N·n, A) → candidates (N·n, A), Q (N, n); row i·n + j is
+    candidate j of state i. A pure function of its inputs, so ``compile`` captures it whole.
+    """
+    n = noise.shape[1] // obs.shape[0]
+    obs_r = obs.repeat_interleave(n, 0)  # (N·n, S)
+    cand = policy.sample(obs_r, cond.repeat_interleave(n, 0), noise)  # (N·n, A)
+    q = critic.q_min(obs_r, cand, critic_cond.repeat_interleave(n, 0))  # (N·n,)
+    return cand, q.view(-1, n)
+
+
 class LLMDPDModule(L.LightningModule):
     """LLM-Driven Policy Diffusion.
 
@@ -91,8 +106,9 @@ class LLMDPDModule(L.LightningModule):
         actor_lr_scheduler: Optional scheduler, stepped once per update.
         critic_lr_scheduler: Optional scheduler, stepped once per update.
         seed: Seed of the per-update noise (each update draws from (seed, rank, update)).
-        compile: ``torch.compile`` the two objectives of the update (:mod:`llmdpd_pl.objectives`), each as
-            one graph, forward and backward; the weights and checkpoints are unchanged.
+        compile: ``torch.compile`` the update's prompt encoding and its two objectives
+            (:mod:`llmdpd_pl.objectives`), each as one graph, forward and backward, and the reverse chain
+            of acting; the weights and checkpoints are unchanged.
     """
 
     def __init__(
@@ -174,6 +190,9 @@ class LLMDPDModule(L.LightningModule):
         self.n_seen = 0
         self.updates = 0
         self._ema: tuple[PromptedPolicy, ...] = ()
+        self._ema_z_table: tuple[tuple[Tensor, ...], tuple[int, ...], Tensor] | None = None
+        self._encode_prompts, self._sample = PromptedPolicy.encode_prompts, PromptedPolicy.sample
+        self._scored_candidates = scored_candidates
         self._critic_objective, self._actor_objective = critic_objective, actor_objective
 
     # ------------------------------------------------------------------ task context
@@ -205,6 +224,9 @@ class LLMDPDModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams["compile"]:
+            self._encode_prompts = torch.compile(PromptedPolicy.encode_prompts)
+            self._sample = torch.compile(PromptedPolicy.sample)  # acting
+            self._scored_candidates = torch.compile(scored_candidates)
             self._critic_objective = torch.compile(critic_objective)
             self._actor_objective = torch.compile(actor_objective)
 
@@ -253,27 +275,50 @@ class LLMDPDModule(L.LightningModule):
         """z for the given tasks, each with its trajectory prompt ``prompt_index``: (T,), (T,) → (T, C)."""
         return policy.encode_prompts(*self.task_prompts(tasks, prompt_index))
 
+    @torch.no_grad()
+    def ema_prompt_embeddings(self, prompt_index: Tensor) -> Tensor:
+        """The EMA actor's z of seen task t with trajectory prompt ``prompt_index[t]``: (T,) → (T, C).
+
+        The EMA's weights change only when :class:`ActorEMA` writes them (every ``every`` updates once it
+        averages), not at every update as the online policy's do. So the z of every prompt of every seen
+        task is computed at once after a write, and gathered until the next one. Writes are detected by
+        the in-place version counters of the EMA's weights and of the prompt banks, so any change to
+        them (an EMA write, a checkpoint load, new task context) recomputes the table.
+        """
+        ema = self.ema_policy
+        watched = (*ema.parameters(), *(getattr(self, name) for name in _BANKS))
+        versions = tuple(t._version for t in watched)
+        table = self._ema_z_table
+        same = table is not None and table[1] == versions
+        if table is None or not same or any(a is not b for a, b in zip(table[0], watched, strict=True)):
+            n = self.traj_obs_bank.shape[1] if self.hparams["train_prompt"] == "random" else 1
+            tasks = torch.arange(self.n_seen, device=self.device).repeat_interleave(n)  # (T·n,)
+            index = torch.arange(n, device=self.device).repeat(self.n_seen)  # (T·n,)
+            z = self._encode_prompts(ema, *self.task_prompts(tasks, index)).view(self.n_seen, n, -1)
+            table = self._ema_z_table = (watched, versions, z)  # z: (T, n, C)
+        return table[2][torch.arange(self.n_seen, device=self.device), prompt_index]  # (T, C)
+
     def _generator(self) -> torch.Generator:
         gen = torch.Generator(device=self.device)
         return gen.manual_seed(derive_seed(self.hparams["seed"], self.global_rank, self.updates))
 
     # ------------------------------------------------------------------ training
     def critic_losses(
-        self, batch: Batch, obs: Tensor, next_obs: Tensor, prompts: Prompts, gen: torch.Generator
+        self, batch: Batch, obs: Tensor, next_obs: Tensor, z: Tensor, ema_z: Tensor, gen: torch.Generator
     ) -> CriticLosses:
         """Eq. 6 with a' from the EMA actor's full reverse chain (:func:`critic_objective`).
 
-        prompts: the update's prompt of each seen task (:meth:`task_prompts`), shared by the online and EMA
-        actors and by the actor step.
+        z: the online policy's embedding of the update's prompt of each seen task, (T, C), shared with the
+        actor step; ema_z: the EMA actor's (:meth:`ema_prompt_embeddings`), (T, C).
         """
         n = self.hparams["n_backup_samples"] if self.hparams["max_q_backup"] else 1
         noise = self.policy.diffusion.chain_noise((len(obs) * n, batch.action.shape[1]), gen, self.device)
         return self._critic_objective(
             self.critic,
             self.critic_target,
-            self.policy,
             self.ema_policy,
-            prompts,
+            z,
+            ema_z,
             batch.task_id,
             obs,
             batch.action,
@@ -286,16 +331,19 @@ class LLMDPDModule(L.LightningModule):
         )
 
     def actor_losses(
-        self, batch: Batch, obs: Tensor, prompts: Prompts, gen: torch.Generator
+        self, batch: Batch, obs: Tensor, z: Tensor, gen: torch.Generator
     ) -> tuple[ActorLosses, Tensor]:
-        """Eq. 5 + η · normalised Eq. 7 = Eq. 8 (:func:`actor_objective`), and the sampled a⁰ (B, A)."""
+        """Eq. 5 + η · normalised Eq. 7 = Eq. 8 (:func:`actor_objective`), and the sampled a⁰ (B, A).
+
+        z: the online policy's prompt embeddings of the seen tasks, (T, C), with gradient to ψ and φ.
+        """
         a_k, k, eps = self.policy.diffusion.loss_inputs(batch.action, gen)
         chain_noise = self.policy.diffusion.chain_noise(tuple(batch.action.shape), gen, self.device)
-        pick_first = bool(torch.rand((), generator=gen, device=self.device) < 0.5)
+        pick_first = torch.rand((), generator=gen, device=self.device) < 0.5
         return self._actor_objective(
             self.policy,
             self.critic,
-            prompts,
+            z,
             batch.task_id,
             obs,
             a_k,
@@ -321,10 +369,13 @@ class LLMDPDModule(L.LightningModule):
         gen = self._generator()
         obs, next_obs = self.normalize(batch.obs), self.normalize(batch.next_obs)  # (B, S)
         seen = torch.arange(self.n_seen, device=self.device)
-        prompts = self.task_prompts(seen, self._train_prompt_index(gen))  # one prompt per seen task
+        prompt_index = self._train_prompt_index(gen)  # (T,), one trajectory prompt per seen task
+        # Encoded once: the critics read z detached, the actor step backpropagates through it.
+        z = self._encode_prompts(self.policy, *self.task_prompts(seen, prompt_index))  # (T, C)
+        ema_z = self.ema_prompt_embeddings(prompt_index) if self._ema else z.detach()  # (T, C)
 
         # 1. Critic step (Eq. 6).
-        c = self.critic_losses(batch, obs, next_obs, prompts, gen)
+        c = self.critic_losses(batch, obs, next_obs, z, ema_z, gen)
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(c.loss)
         c_norms = clip_grad_norms({"critic": self.critic.parameters()}, self.hparams["grad_clip"])
@@ -332,7 +383,7 @@ class LLMDPDModule(L.LightningModule):
 
         # 2. Actor + prompt-encoder step (Eq. 8). The critic is frozen so no gradient lands in it.
         self.critic.requires_grad_(False)
-        a, a_new = self.actor_losses(batch, obs, prompts, gen)
+        a, a_new = self.actor_losses(batch, obs, z, gen)
         actor_opt.zero_grad(set_to_none=True)
         self.manual_backward(a.loss)
         self.critic.requires_grad_(True)
@@ -417,14 +468,13 @@ class LLMDPDModule(L.LightningModule):
         obs_n = self.normalize(obs)  # (N, S)
         diffusion, act_dim = self.ema_policy.diffusion, self.hparams["act_dim"]
         if self.hparams["action_selection"] == "sample":
-            return self.ema_policy.sample(
-                obs_n, cond, diffusion.chain_noise((len(obs), act_dim), generator, obs.device)
-            )
+            noise = diffusion.chain_noise((len(obs), act_dim), generator, obs.device)
+            return self._sample(self.ema_policy, obs_n, cond, noise)
         n = self.hparams["n_action_candidates"]
-        obs_r = obs_n.repeat_interleave(n, 0)  # (N·n, S)
         noise = diffusion.chain_noise((len(obs) * n, act_dim), generator, obs.device)
-        cand = self.ema_policy.sample(obs_r, cond.repeat_interleave(n, 0), noise)  # (N·n, A)
-        q = self.critic_target.q_min(obs_r, cand, critic_cond.repeat_interleave(n, 0)).view(-1, n)  # (N, n)
+        cand, q = self._scored_candidates(
+            self.ema_policy, self.critic_target, obs_n, cond, critic_cond, noise
+        )  # (N·n, A), (N, n)
         pick = torch.multinomial(torch.softmax(q, dim=1), 1, generator=generator).squeeze(1)  # (N,)
         return cand.view(-1, n, cand.shape[-1])[torch.arange(len(pick), device=pick.device), pick]
 

@@ -9,7 +9,9 @@ Shapes: B batch rows, S state dim, A action dim, C conditioning dim, K diffusion
 candidates (``n_backup``; 1 without the max-Q backup), T tasks, E LLM width, L prompt length.
 
 ``prompts`` is one prompt per seen task, ``(text (T, E), traj_obs (T, L, S) normalised, traj_act (T, L, A))``,
-and ``task_id`` (B,) maps each row to its task: each task's prompts are encoded once, then gathered.
+and ``task_id`` (B,) maps each row to its task: each task's prompts are encoded once, then gathered. The
+online policy encodes them once per update, ``z = policy.encode_prompts(*prompts)`` (T, C), and both
+objectives share that z: the critics read it detached, the actor backpropagates through it to ψ and φ.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ Prompts = tuple[Tensor, Tensor, Tensor]
 def critic_objective(
     critic: TwinCritic,
     critic_target: TwinCritic,
-    policy: PromptedPolicy,
     ema: PromptedPolicy,
-    prompts: Prompts,
+    z: Tensor,
+    ema_z: Tensor,
     task_id: Tensor,
     obs: Tensor,
     action: Tensor,
@@ -53,14 +55,16 @@ def critic_objective(
     """Eq. 6 with a' ~ π_EMA(· | s', z_EMA) from the EMA actor's full reverse chain (Diffusion-QL).
 
     The critics' task context is the online policy's z, without gradient: the prompt encoders are
-    trained by the actor loss only (Algorithm 1); the EMA actor encodes the same prompts with its weights.
+    trained by the actor loss only (Algorithm 1). The EMA actor draws a' conditioned on its own
+    embedding of the same prompts, ema_z.
 
     Args:
         critic: Q_φ1, Q_φ2.
         critic_target: Q_φ1', Q_φ2'.
-        policy: the online actor, whose prompt encoders give the critics' context.
         ema: the EMA actor, which draws a'.
-        prompts: the update's prompt of each seen task.
+        z: the online policy's embedding of the update's prompts, (T, C): the critics' context
+            (detached here).
+        ema_z: the EMA actor's embedding of the same prompts, (T, C).
         task_id: task of each row, (B,).
         obs: normalised s, (B, S).
         action: dataset a, (B, A).
@@ -75,8 +79,8 @@ def critic_objective(
         The critic loss (to backpropagate) and its statistics.
     """
     with torch.no_grad():
-        cond = policy.encode_prompts(*prompts)[task_id]  # (B, C)
-        ema_cond = ema.encode_prompts(*prompts)[task_id]  # (B, C)
+        cond = z.detach()[task_id]  # (B, C)
+        ema_cond = ema_z[task_id]  # (B, C)
         next_rep, ema_rep, cond_rep = (x.repeat_interleave(n_backup, 0) for x in (next_obs, ema_cond, cond))
         a_next = ema.sample(next_rep, ema_rep, target_noise)  # (B·n, A)
         q1n, q2n = critic_target(next_rep, a_next, cond_rep)  # (B·n,) each
@@ -89,7 +93,7 @@ def critic_objective(
 def actor_objective(
     policy: PromptedPolicy,
     critic: TwinCritic,
-    prompts: Prompts,
+    z: Tensor,
     task_id: Tensor,
     obs: Tensor,
     a_k: Tensor,
@@ -97,7 +101,7 @@ def actor_objective(
     eps: Tensor,
     chain_noise: Tensor,
     eta: float,
-    pick_first: bool,
+    pick_first: Tensor,
 ) -> tuple[ActorLosses, Tensor]:
     """Eq. 5 + η · normalised Eq. 7 = Eq. 8, differentiable in θ and, through z, in ψ and φ.
 
@@ -107,7 +111,8 @@ def actor_objective(
     Args:
         policy: the online actor π_θ.
         critic: Q_φ1, Q_φ2, frozen.
-        prompts: the update's prompt of each seen task (encoded here, with gradient to ψ and φ).
+        z: the online policy's prompt embeddings, (T, C), with their graph: the loss's gradient
+            reaches ψ and φ through them.
         task_id: task of each row, (B,).
         obs: normalised s, (B, S).
         a_k: noised dataset actions of Eq. 5, (B, A) (``GaussianDiffusion.loss_inputs``).
@@ -115,16 +120,17 @@ def actor_objective(
         eps: the noise Eq. 5 regresses on, (B, A).
         chain_noise: noise of the reverse chain that samples a⁰, (K + 1, B, A).
         eta: λ of Eq. 8 (weight of the normalised Q term).
-        pick_first: the Q term uses Q_φ1 (normalised by |Q_φ2|) if True, else the reverse (Algorithm 1).
+        pick_first: bool, (): the Q term uses Q_φ1 (normalised by |Q_φ2|) if True, else the reverse
+            (Algorithm 1). A tensor, so that both draws run the same compiled graph.
 
     Returns:
         The losses, and the sampled a⁰ detached, (B, A).
     """
-    cond = policy.encode_prompts(*prompts)[task_id]  # (B, C)
+    cond = z[task_id]  # (B, C)
     bc = diffusion_loss(policy.eps(a_k, k, obs, cond), eps)
     a_new = policy.sample(obs, cond, chain_noise)  # (B, A), differentiable through the chain
     q1, q2 = critic(obs, a_new, cond.detach())
-    q_term = actor_q_term(q1, q2) if pick_first else actor_q_term(q2, q1)
+    q_term = torch.where(pick_first, actor_q_term(q1, q2), actor_q_term(q2, q1))
     return ActorLosses(actor_loss(bc, q_term, eta), bc, q_term), a_new.detach()
 
 

@@ -118,21 +118,62 @@ def test_q_targets_come_from_the_ema_actor(model_data: ModelData) -> None:
     assert dm.stream is not None
     batch = dm.stream.sample(0)
     obs, next_obs = module.normalize(batch.obs), module.normalize(batch.next_obs)
-    prompts = module.task_prompts(torch.arange(module.n_seen), torch.zeros(module.n_seen, dtype=torch.long))
+    index = torch.zeros(module.n_seen, dtype=torch.long)
+    prompts = module.task_prompts(torch.arange(module.n_seen), index)
 
     def target() -> Tensor:
         gen = torch.Generator().manual_seed(0)
-        return module.critic_losses(batch, obs, next_obs, prompts, gen).target_mean
+        z, ema_z = module.policy.encode_prompts(*prompts), module.ema_prompt_embeddings(index)
+        return module.critic_losses(batch, obs, next_obs, z, ema_z, gen).target_mean
 
     base = target()
     with torch.no_grad():  # change the online denoiser only: the target must not move
         for p in module.policy.denoiser.parameters():
             p.add_(0.5)
     assert torch.equal(target(), base)
+    with torch.no_grad():  # change the EMA prompt encoder: the EMA's z, hence the target, moves
+        for p in ema_copy.traj_encoder.parameters():
+            p.mul_(1.5)
+    moved = target()
+    assert not torch.equal(moved, base)
     with torch.no_grad():  # change the EMA denoiser: the target moves
         for p in ema_copy.denoiser.parameters():
             p.add_(0.5)
-    assert not torch.equal(target(), base)
+    assert not torch.equal(target(), moved)
+
+
+def test_ema_prompt_embeddings_are_recomputed_exactly_when_the_ema_changes(model_data: ModelData) -> None:
+    """The cached table of the EMA's z equals a fresh encoding, before and after every kind of change."""
+    module, dm = context_module(model_data)
+    ema = make_module(dm).policy
+    ema.load_state_dict(module.policy.state_dict())
+    module.attach_ema(ema)
+    n_prompts = module.traj_obs_bank.shape[1]
+    assert n_prompts > 1
+    seen = torch.arange(module.n_seen)
+
+    def check(index: Tensor) -> Tensor:
+        got = module.ema_prompt_embeddings(index)
+        with torch.no_grad():
+            want = ema.encode_prompts(*module.task_prompts(seen, index))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        return got
+
+    first = torch.zeros(module.n_seen, dtype=torch.long)
+    last = torch.full((module.n_seen,), n_prompts - 1)
+    check(first)
+    table = module._ema_z_table
+    check(last)
+    assert module._ema_z_table is table  # no write in between: gathered from the same table
+    with torch.no_grad():  # an EMA write (as ActorEMA's copy or average)
+        torch._foreach_lerp_(list(ema.parameters()), [p + 1.0 for p in ema.parameters()], 0.5)
+    assert not torch.equal(check(last), table[2][seen, last])
+    table = module._ema_z_table
+    with torch.no_grad():  # new prompt data in place
+        module.traj_obs_bank.mul_(2.0)
+    assert not torch.equal(check(first), table[2][seen, first])
+    ema.load_state_dict(module.policy.state_dict())  # a checkpoint-style load
+    check(first)
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [({"decay": 1.0}, "decay"), ({"start": -1}, "start"),

@@ -21,6 +21,7 @@ from llmdpd_pl.callbacks.ema import ActorEMA
 from llmdpd_pl.data.datamodule import BatchStream
 from llmdpd_pl.module import LLMDPDModule
 from llmdpd_pl.objectives import actor_objective
+from llmdpd_pl.policy import PromptedPolicy
 from tests.model_fixtures import (
     ModelData,
     bandit_data,
@@ -124,7 +125,8 @@ def _actor_losses(module: LLMDPDModule, dm: Any) -> Any:
     batch = dm.stream.sample(0)
     gen = torch.Generator().manual_seed(0)
     prompts = module.task_prompts(torch.arange(module.n_seen), torch.zeros(module.n_seen, dtype=torch.long))
-    losses, _ = module.actor_losses(batch, module.normalize(batch.obs), prompts, gen)
+    z = module.policy.encode_prompts(*prompts)
+    losses, _ = module.actor_losses(batch, module.normalize(batch.obs), z, gen)
     return losses
 
 
@@ -367,28 +369,36 @@ def test_resume_matches_uninterrupted_run(model_data: ModelData, tmp_path: Path,
 # ----------------------------------------------------------------------------- compile
 @pytest.mark.slow
 def test_compiled_objectives_match_eager(model_data: ModelData) -> None:
-    """compile=True runs the same objectives: same losses, same gradients, up to kernel rounding."""
+    """compile=True runs the same objectives and acting: same losses, gradients, actions, up to rounding."""
     module, dm = context_module(model_data)
     assert dm.stream is not None
     batch = dm.stream.sample(0)
     obs, next_obs = module.normalize(batch.obs), module.normalize(batch.next_obs)
-    prompts = module.task_prompts(torch.arange(module.n_seen), torch.zeros(module.n_seen, dtype=torch.long))
+    index = torch.zeros(module.n_seen, dtype=torch.long)
+    prompts = module.task_prompts(torch.arange(module.n_seen), index)
 
     def losses_and_grads() -> tuple[list[Tensor], list[Tensor]]:
         module.zero_grad(set_to_none=True)
-        c = module.critic_losses(batch, obs, next_obs, prompts, torch.Generator().manual_seed(0))
+        z, ema_z = module._encode_prompts(module.policy, *prompts), module.ema_prompt_embeddings(index)
+        c = module.critic_losses(batch, obs, next_obs, z, ema_z, torch.Generator().manual_seed(0))
         c.loss.backward()
         module.critic.requires_grad_(False)
-        a, a_new = module.actor_losses(batch, obs, prompts, torch.Generator().manual_seed(1))
+        a, a_new = module.actor_losses(batch, obs, z, torch.Generator().manual_seed(1))
         a.loss.backward()
         module.critic.requires_grad_(True)
         grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
-        return [c.loss, c.target_mean, a.bc_loss, a.q_loss, a_new], grads
+        actions = []
+        for selection in ("sample", "q_softmax"):
+            module.hparams["action_selection"] = selection
+            actions.append(module.act(batch.obs, batch.task_id, generator=torch.Generator().manual_seed(2)))
+        return [z, ema_z, c.loss, c.target_mean, a.bc_loss, a.q_loss, a_new, *actions], grads
 
     eager_values, eager_grads = losses_and_grads()
     module.hparams["compile"] = True
     module.configure_model()
+    module._ema_z_table = None  # re-encode the EMA table through the compiled encoder too
     assert module._actor_objective is not actor_objective  # the compiled wrappers
+    assert module._sample is not PromptedPolicy.sample
     values, grads = losses_and_grads()
     assert len(grads) == len(eager_grads) > 0
     # Fused generated kernels vs eager ATen ops: float32 rounding of O(1) values through ~6 layers.
