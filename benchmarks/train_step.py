@@ -15,7 +15,8 @@ instead of copying the policy at every update.
 ``--ablate`` undoes one optimisation at a time, to measure what each is worth (``NOTES.md``):
 ``torch_mish`` (PyTorch's Mish kernel), ``per_step_context`` (the denoiser's state-and-prompt part of the
 first layer recomputed at every chain step), ``unfused_adam`` (``torch.optim.Adam`` without ``fused``),
-``log_every_update`` (Lightning logging on every update).
+``log_every_update`` (Lightning logging on every update), ``ema_every_update`` (the EMA actor's prompt
+embeddings recomputed at every update instead of after the EMA's writes only).
 """
 
 from __future__ import annotations
@@ -101,6 +102,14 @@ def apply_ablations(ablations: list[str]) -> None:
             )
 
         PromptedPolicy.sample = sample  # type: ignore[method-assign]
+    if "ema_every_update" in ablations:
+
+        @torch.no_grad()
+        def ema_prompt_embeddings(self: LLMDPDModule, prompt_index: Tensor) -> Tensor:
+            seen = torch.arange(self.n_seen, device=self.device)
+            return self._encode_prompts(self.ema_policy, *self.task_prompts(seen, prompt_index))
+
+        LLMDPDModule.ema_prompt_embeddings = ema_prompt_embeddings  # type: ignore[method-assign]
 
 
 def build(
@@ -192,7 +201,7 @@ def main() -> None:
         "--ablate",
         nargs="*",
         default=[],
-        choices=["torch_mish", "per_step_context", "unfused_adam", "log_every_update"],
+        choices=["torch_mish", "per_step_context", "unfused_adam", "log_every_update", "ema_every_update"],
         help="undo these optimisations",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
