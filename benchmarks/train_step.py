@@ -1,7 +1,7 @@
 """Time the real ``LLMDPDModule`` update: updates/s, FLOPs per update, matmul peak, roofline fraction.
 
     python benchmarks/train_step.py [--config configs/metaworld.yaml] [--updates 200] [--repeats 3]
-        [--compile | --no-compile] [--precision bf16-mixed] [--ablate torch_mish ...]
+        [--compile | --no-compile] [--precision bf16-mixed] [--ablate torch_mish ...] [--paired]
 
 The model is built from the config's ``model`` section (the real one: both prompts, K = 5, its optimizers
 and its ``compile`` setting), with 3 tasks and batch 256, and the config's ``ActorEMA``. The data are random
@@ -12,7 +12,9 @@ The timed updates are in the EMA's steady state: the module's update counter sta
 so the EMA averages every ``every`` updates, as in all but the first ``start`` (1000) updates of a run,
 instead of copying the policy at every update.
 
-``--ablate`` undoes one optimisation at a time, to measure what each is worth (``NOTES.md``):
+``--ablate`` undoes one optimisation at a time, to measure what each is worth (``NOTES.md``); with
+``--paired`` each repeat alternates with the all-on update in the same process, so that both see the same
+state of a shared machine, and the JSON holds both and their median paired ratio:
 ``torch_mish`` (PyTorch's Mish kernel), ``per_step_context`` (the denoiser's state-and-prompt part of the
 first layer recomputed at every chain step), ``unfused_adam`` (``torch.optim.Adam`` without ``fused``),
 ``log_every_update`` (Lightning logging on every update), ``ema_every_update`` (the EMA actor's prompt
@@ -22,11 +24,12 @@ embeddings recomputed at every update instead of after the EMA's writes only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -90,8 +93,10 @@ def ema_from_config(cfg: dict[str, Any]) -> list[L.Callback]:
     return []
 
 
-def apply_ablations(ablations: list[str]) -> None:
-    """Undo optimisations in place (process-wide), to measure each one's worth."""
+@contextlib.contextmanager
+def ablated(ablations: Sequence[str]) -> Iterator[None]:
+    """Undo optimisations (process-wide patches) inside the block, to measure each one's worth."""
+    saved = (networks.mish, PromptedPolicy.sample, LLMDPDModule.ema_prompt_embeddings)
     if "torch_mish" in ablations:
         networks.mish = torch.nn.functional.mish  # Mish modules look the function up at call time
     if "per_step_context" in ablations:
@@ -110,6 +115,10 @@ def apply_ablations(ablations: list[str]) -> None:
             return self._encode_prompts(self.ema_policy, *self.task_prompts(seen, prompt_index))
 
         LLMDPDModule.ema_prompt_embeddings = ema_prompt_embeddings  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        networks.mish, PromptedPolicy.sample, LLMDPDModule.ema_prompt_embeddings = saved  # type: ignore[method-assign]
 
 
 def build(
@@ -205,41 +214,61 @@ def main() -> None:
         help="undo these optimisations",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="with --ablate: alternate each repeat with the all-on update in this process, report both",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("train_step.json"))
     args = p.parse_args()
+    if args.paired and not args.ablate:
+        p.error("--paired needs --ablate")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     torch.manual_seed(0)
 
-    apply_ablations(args.ablate)
     cfg = yaml.safe_load(args.config.read_text())
     compile_ = cfg.get("model", {}).get("compile", False) if args.compile is None else args.compile
-    module, stream = build(args.config, args.batch_size, args.tasks, args.device, args.ablate, compile=False)
-    # Eager: compile does not change the FLOPs.
-    flops = count_flops(module, stream, accelerator, args.precision, ema_from_config(cfg))
-    rates = []
-    for _ in range(args.repeats):
+
+    def timed(ablations: Sequence[str]) -> float:
+        """updates/s of one fresh module and Trainer, after warm-up, with these optimisations undone."""
+        torch._dynamo.reset()  # variants must not share compiled graphs
+        with ablated(ablations):
+            module, stream = build(
+                args.config, args.batch_size, args.tasks, args.device, ablations, compile=compile_
+            )
+            timer, ema = _Timer(), ema_from_config(cfg)
+            module.updates = ema[0].start if ema else 0  # time the EMA's steady state (module docstring)
+            trainer = L.Trainer(
+                accelerator=accelerator,
+                devices=1,
+                precision=args.precision,
+                max_steps=2 * (args.warmup + args.updates),
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=[timer, *ema],
+                log_every_n_steps=1 if "log_every_update" in ablations else 50,
+            )
+            trainer.fit(module, train_dataloaders=stream)
+        stamps = timer.stamps[args.warmup :]
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    with ablated(args.ablate):
         module, stream = build(
-            args.config, args.batch_size, args.tasks, args.device, args.ablate, compile=compile_
+            args.config, args.batch_size, args.tasks, args.device, args.ablate, compile=False
         )
-        timer, ema = _Timer(), ema_from_config(cfg)
-        module.updates = ema[0].start if ema else 0  # time the EMA's steady state (module docstring)
-        trainer = L.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            precision=args.precision,
-            max_steps=2 * (args.warmup + args.updates),
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timer, *ema],
-            log_every_n_steps=1 if "log_every_update" in args.ablate else 50,
-        )
-        trainer.fit(module, train_dataloaders=stream)
-        timed = timer.stamps[args.warmup :]
-        rates.append((len(timed) - 1) / (timed[-1] - timed[0]))
+        # Eager: compile does not change the FLOPs.
+        flops = count_flops(module, stream, accelerator, args.precision, ema_from_config(cfg))
+    rates, reference = [], []
+    for repeat in range(args.repeats):
+        if args.paired:  # alternate with the all-on update, in turn first, so both see the same machine
+            for ablations in ((), args.ablate)[:: 1 if repeat % 2 == 0 else -1]:
+                (rates if ablations else reference).append(timed(ablations))
+        else:
+            rates.append(timed(args.ablate))
     # The roofline of a mixed-precision run is the matmul peak of its low-precision dtype.
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(args.precision.split("-")[0], torch.float32)
     peak = matmul_peak(torch.device(args.device), dtype)
@@ -264,6 +293,12 @@ def main() -> None:
         "matmul_peak_gflops": peak / 1e9,
         "roofline_fraction": ups * flops / peak,
     }
+    if args.paired:
+        result["all_on_updates_per_s"] = statistics.median(reference)
+        result["all_on_updates_per_s_repeats"] = reference
+        result["paired_speedup_of_the_optimisation"] = statistics.median(
+            [on / off for on, off in zip(reference, rates, strict=True)]
+        )
     report(
         result,
         f"updates/s {ups:.2f} | {flops / 1e9:.2f} GFLOP/update | peak {peak / 1e9:.0f} GFLOP/s | "
