@@ -154,6 +154,34 @@ def build(
     return module, BatchStream(data, batch_size, 10**9, seed=0, rank=0, task_sampling="balanced")
 
 
+def steady_state_trainer(
+    module: LLMDPDModule,
+    accelerator: str,
+    precision: str,
+    updates: int,
+    ema: list[L.Callback],
+    callbacks: Sequence[L.Callback],
+    **kwargs: Any,
+) -> L.Trainer:
+    """A bare Trainer for ``updates`` updates, with the module's counter set to the EMA's steady state.
+
+    The counter starts at ``ActorEMA.start`` (module docstring), so the EMA averages every ``every`` updates.
+    """
+    module.updates = ema[0].start if ema else 0
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=2 * updates,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, *ema],
+        **kwargs,
+    )
+
+
 def count_flops(
     module: LLMDPDModule, stream: BatchStream, accelerator: str, precision: str, ema: list[L.Callback]
 ) -> float:
@@ -174,18 +202,7 @@ def count_flops(
             if trainer.global_step == 2 * n:
                 counter.__exit__(None, None, None)
 
-    module.updates = ema[0].start if ema else 0
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        precision=precision,
-        max_steps=2 * n,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[*ema, _Count()],
-    )
+    trainer = steady_state_trainer(module, accelerator, precision, n, ema, [_Count()])
     trainer.fit(module, train_dataloaders=stream)
     return counter.get_total_flops() / n
 
@@ -238,18 +255,14 @@ def main() -> None:
             module, stream = build(
                 args.config, args.batch_size, args.tasks, args.device, ablations, compile=compile_
             )
-            timer, ema = _Timer(), ema_from_config(cfg)
-            module.updates = ema[0].start if ema else 0  # time the EMA's steady state (module docstring)
-            trainer = L.Trainer(
-                accelerator=accelerator,
-                devices=1,
-                precision=args.precision,
-                max_steps=2 * (args.warmup + args.updates),
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=[timer, *ema],
+            timer = _Timer()
+            trainer = steady_state_trainer(
+                module,
+                accelerator,
+                args.precision,
+                args.warmup + args.updates,
+                ema_from_config(cfg),
+                [timer],
                 log_every_n_steps=1 if "log_every_update" in ablations else 50,
             )
             trainer.fit(module, train_dataloaders=stream)

@@ -272,8 +272,11 @@ class LLMDPDModule(L.LightningModule):
         return self.text_bank[tasks], traj_obs, self.traj_act_bank[tasks, prompt_index]
 
     def prompt_context(self, policy: PromptedPolicy, tasks: Tensor, prompt_index: Tensor) -> Tensor:
-        """z for the given tasks, each with its trajectory prompt ``prompt_index``: (T,), (T,) → (T, C)."""
-        return policy.encode_prompts(*self.task_prompts(tasks, prompt_index))
+        """z for the given tasks, each with its trajectory prompt ``prompt_index``: (T,), (T,) → (T, C).
+
+        Compiled with ``compile``; differentiable in ``policy``'s prompt encoders unless under no_grad.
+        """
+        return self._encode_prompts(policy, *self.task_prompts(tasks, prompt_index))
 
     @torch.no_grad()
     def ema_prompt_embeddings(self, prompt_index: Tensor) -> Tensor:
@@ -289,12 +292,15 @@ class LLMDPDModule(L.LightningModule):
         watched = (*ema.parameters(), *(getattr(self, name) for name in _BANKS))
         versions = tuple(t._version for t in watched)
         table = self._ema_z_table
-        same = table is not None and table[1] == versions
-        if table is None or not same or any(a is not b for a, b in zip(table[0], watched, strict=True)):
-            n = self.traj_obs_bank.shape[1] if self.hparams["train_prompt"] == "random" else 1
+        if (
+            table is None
+            or table[1] != versions  # equal versions: same length, so zip(strict=True) is safe below
+            or any(a is not b for a, b in zip(table[0], watched, strict=True))
+        ):
+            n = self._n_train_prompts()
             tasks = torch.arange(self.n_seen, device=self.device).repeat_interleave(n)  # (T·n,)
             index = torch.arange(n, device=self.device).repeat(self.n_seen)  # (T·n,)
-            z = self._encode_prompts(ema, *self.task_prompts(tasks, index)).view(self.n_seen, n, -1)
+            z = self.prompt_context(ema, tasks, index).view(self.n_seen, n, -1)
             table = self._ema_z_table = (watched, versions, z)  # z: (T, n, C)
         return table[2][torch.arange(self.n_seen, device=self.device), prompt_index]  # (T, C)
 
@@ -354,9 +360,13 @@ class LLMDPDModule(L.LightningModule):
             pick_first,
         )
 
+    def _n_train_prompts(self) -> int:
+        """Trajectory prompts per seen task that training draws from: all, or the first only."""
+        return 1 if self.hparams["train_prompt"] == "first" else self.traj_obs_bank.shape[1]
+
     def _train_prompt_index(self, gen: torch.Generator) -> Tensor:
-        n_prompts = self.traj_obs_bank.shape[1]
-        if self.hparams["train_prompt"] == "first" or n_prompts == 1:
+        n_prompts = self._n_train_prompts()
+        if n_prompts == 1:
             return torch.zeros(self.n_seen, dtype=torch.long, device=self.device)
         return torch.randint(n_prompts, (self.n_seen,), generator=gen, device=self.device)
 
@@ -371,7 +381,7 @@ class LLMDPDModule(L.LightningModule):
         seen = torch.arange(self.n_seen, device=self.device)
         prompt_index = self._train_prompt_index(gen)  # (T,), one trajectory prompt per seen task
         # Encoded once: the critics read z detached, the actor step backpropagates through it.
-        z = self._encode_prompts(self.policy, *self.task_prompts(seen, prompt_index))  # (T, C)
+        z = self.prompt_context(self.policy, seen, prompt_index)  # (T, C)
         ema_z = self.ema_prompt_embeddings(prompt_index) if self._ema else z.detach()  # (T, C)
 
         # 1. Critic step (Eq. 6).
