@@ -8,6 +8,11 @@ They alternate for ``--rounds`` rounds and each figure is the median over rounds
 machine hits both. Without ``--ckpt`` the policy is a freshly initialised ``LLMDPDModule`` of the config's
 size (the cost does not depend on the weights), with the config's ``compile`` (the compiled reverse chain
 is warmed up before timing). Prints the figures and writes JSON next to this file.
+
+It also reports the ratio's **compute bound**: the policy's FLOPs per env step (``FlopCounterMode`` around one
+eager policy call) at the machine's matmul peak (measured in the same run) is the least time any
+implementation of the policy can add per env step, so ``ratio_bound = t_env / (t_env + FLOPs / peak)``
+is the best ratio reachable on this machine with this action selection.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from report import report  # noqa: E402
-from train_step import build  # noqa: E402
+from train_step import build, matmul_peak  # noqa: E402
 
 from llmdpd_pl.callbacks.evaluation import module_policy  # noqa: E402
 from llmdpd_pl.evaluation import make_eval_envs, run_episodes  # noqa: E402
@@ -63,19 +69,27 @@ def main() -> None:
         module.hparams.action_selection = args.action_selection
     if args.compile is not None:
         module.hparams.compile = args.compile
-    module.configure_model()  # as the Trainer does: compiles acting if ``compile``
     module.eval()
     envs = make_eval_envs(args.task, args.num_envs, seed=0)
     fixed = np.zeros((args.num_envs, 4), dtype=np.float32)
     raws, agents = [], []
     with torch.inference_mode():
         policy = module_policy(module, 0, 0)
+        obs, _ = envs.reset(seed=list(range(args.num_envs)))
+        policy(obs, args.task)  # encodes the task's prompts once, as in an evaluation
+        counter = FlopCounterMode(display=False)
+        with counter:  # one policy call, eager: compile does not change the FLOPs
+            policy(obs, args.task)
+        flops_per_step = counter.get_total_flops() / args.num_envs
+        module.configure_model()  # as the Trainer does: compiles acting if ``compile``
         steps_per_s(policy, args.task, envs, args.num_envs, 2)  # warm-up (compilation)
         for _ in range(args.rounds):
             raws.append(steps_per_s(lambda obs, task: fixed, args.task, envs, args.num_envs, args.steps))
             agents.append(steps_per_s(policy, args.task, envs, args.num_envs, args.steps))
     envs.close()
     raw, agent = statistics.median(raws), statistics.median(agents)
+    peak = matmul_peak(torch.device("cpu"))
+    bound = (1 / raw) / (1 / raw + flops_per_step / peak)
     result = {
         "task": args.task,
         "num_envs": args.num_envs,
@@ -90,10 +104,15 @@ def main() -> None:
         "raw_env_steps_per_s_rounds": raws,
         "policy_env_steps_per_s_rounds": agents,
         "ratio": agent / raw,
+        "policy_mflop_per_env_step": flops_per_step / 1e6,
+        "matmul_peak_gflops": peak / 1e9,
+        "ratio_bound": bound,
     }
     report(
         result,
-        f"raw {raw:.0f} steps/s | with policy {agent:.0f} steps/s | ratio {100 * agent / raw:.1f}%",
+        f"raw {raw:.0f} steps/s | with policy {agent:.0f} steps/s | ratio {100 * agent / raw:.1f}% | "
+        f"compute bound {100 * bound:.1f}% "
+        f"({flops_per_step / 1e6:.1f} MFLOP/step at {peak / 1e9:.0f} GFLOP/s)",
         args.out,
     )
 

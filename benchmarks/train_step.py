@@ -305,6 +305,7 @@ def main() -> None:
         "matmul_dtype": str(dtype).removeprefix("torch."),
         "matmul_peak_gflops": peak / 1e9,
         "roofline_fraction": ups * flops / peak,
+        "roofline_fraction_repeats": [r * flops / peak for r in rates],
     }
     if args.paired:
         result["all_on_updates_per_s"] = statistics.median(reference)
@@ -315,7 +316,9 @@ def main() -> None:
     report(
         result,
         f"updates/s {ups:.2f} | {flops / 1e9:.2f} GFLOP/update | peak {peak / 1e9:.0f} GFLOP/s | "
-        f"roofline {100 * result['roofline_fraction']:.1f}%",
+        f"roofline {100 * result['roofline_fraction']:.1f}% "
+        f"(repeats {100 * min(result['roofline_fraction_repeats']):.1f}–"
+        f"{100 * max(result['roofline_fraction_repeats']):.1f}%)",
         args.out,
     )
 

@@ -18,8 +18,8 @@ prompt encoders trained by the actor loss only (Algorithm 1, line 12), as in the
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -68,6 +68,16 @@ def scored_candidates(
     cand = policy.sample(obs_r, cond.repeat_interleave(n, 0), noise)  # (N·n, A)
     q = critic.q_min(obs_r, cand, critic_cond.repeat_interleave(n, 0))  # (N·n,)
     return cand, q.view(-1, n)
+
+
+class UpdateStats(NamedTuple):
+    """What one update measured: its losses, the gradient norms before clipping and the sampled a⁰ (B, A)."""
+
+    critic: CriticLosses
+    actor: ActorLosses
+    critic_norms: dict[str, Tensor]
+    actor_norms: dict[str, Tensor]
+    actions: Tensor
 
 
 class LLMDPDModule(L.LightningModule):
@@ -376,6 +386,26 @@ class LLMDPDModule(L.LightningModule):
                 "no task context: fit with PromptedOfflineDataModule, or call set_task_context()"
             )
         critic_opt, actor_opt = self.optimizers()  # type: ignore[misc]
+        stats = self.update(batch, critic_opt, actor_opt, self.manual_backward)
+        for scheduler in self.lr_schedulers() or []:  # type: ignore[union-attr]
+            scheduler.step()
+        # Lightning's per-call logging overhead is ~1 ms per value on CPU (20% of an update when
+        # logging every update): log only on the updates whose metrics reach the loggers.
+        if self.trainer._logger_connector.should_update_logs:
+            self._log_update(*stats)
+
+    def update(
+        self,
+        batch: Batch,
+        critic_opt: torch.optim.Optimizer,
+        actor_opt: torch.optim.Optimizer,
+        backward: Callable[[Tensor], Any],
+    ) -> UpdateStats:
+        """One update (module docstring, steps 1–3) with these optimizers; no Lightning state is touched.
+
+        ``backward(loss)`` runs a loss's backward pass (``training_step`` passes ``manual_backward``), so
+        the same update runs in plain loops, e.g. ``benchmarks/ab_blocks.py``'s.
+        """
         gen = self._generator()
         obs, next_obs = self.normalize(batch.obs), self.normalize(batch.next_obs)  # (B, S)
         seen = torch.arange(self.n_seen, device=self.device)
@@ -387,7 +417,7 @@ class LLMDPDModule(L.LightningModule):
         # 1. Critic step (Eq. 6).
         c = self.critic_losses(batch, obs, next_obs, z, ema_z, gen)
         critic_opt.zero_grad(set_to_none=True)
-        self.manual_backward(c.loss)
+        backward(c.loss)
         c_norms = clip_grad_norms({"critic": self.critic.parameters()}, self.hparams["grad_clip"])
         critic_opt.step()
 
@@ -395,7 +425,7 @@ class LLMDPDModule(L.LightningModule):
         self.critic.requires_grad_(False)
         a, a_new = self.actor_losses(batch, obs, z, gen)
         actor_opt.zero_grad(set_to_none=True)
-        self.manual_backward(a.loss)
+        backward(a.loss)
         self.critic.requires_grad_(True)
         groups = {"denoiser": self.policy.denoiser.parameters()}
         if self.policy.text_head is not None:
@@ -404,8 +434,6 @@ class LLMDPDModule(L.LightningModule):
             groups["traj_encoder"] = self.policy.traj_encoder.parameters()
         a_norms = clip_grad_norms(groups, self.hparams["grad_clip"])
         actor_opt.step()
-        for scheduler in self.lr_schedulers() or []:  # type: ignore[union-attr]
-            scheduler.step()
 
         # 3. Target critics: φ' ← (1 − τ) φ' + τ φ.
         with torch.no_grad():
@@ -413,11 +441,7 @@ class LLMDPDModule(L.LightningModule):
                 list(self.critic_target.parameters()), list(self.critic.parameters()), self.hparams["tau"]
             )
         self.updates += 1
-
-        # Lightning's per-call logging overhead is ~1 ms per value on CPU (20% of an update when
-        # logging every update): log only on the updates whose metrics reach the loggers.
-        if self.trainer._logger_connector.should_update_logs:
-            self._log_update(c, a, c_norms, a_norms, a_new)
+        return UpdateStats(c, a, c_norms, a_norms, a_new)
 
     def _log_update(
         self,

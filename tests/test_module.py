@@ -7,6 +7,8 @@ unseen, MiniLM text embeddings), except the learning test, which builds a 1-step
 
 from __future__ import annotations
 
+import copy
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from llmdpd_pl.callbacks.ema import ActorEMA
-from llmdpd_pl.data.datamodule import BatchStream
+from llmdpd_pl.data.datamodule import Batch, BatchStream
 from llmdpd_pl.module import LLMDPDModule
 from llmdpd_pl.objectives import actor_objective
 from llmdpd_pl.policy import PromptedPolicy
@@ -199,6 +201,36 @@ def test_updates_counter_is_half_of_global_step(model_data: ModelData, tmp_path:
     module, trainer = _fit(model_data, tmp_path, updates=n)
     assert module.updates == n
     assert trainer.global_step == 2 * n
+
+
+class _Batches(L.Callback):
+    """Copies of the batches each update trained on."""
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Batch, batch_idx: int) -> None:
+        self.batches.append(Batch(**{f.name: getattr(batch, f.name).clone() for f in fields(batch)}))
+
+
+def test_update_in_a_plain_loop_matches_fit(model_data: ModelData, tmp_path: Path) -> None:
+    """`update` with plain optimizers and `Tensor.backward` trains exactly as `fit` on the same batches."""
+    dm = make_datamodule(model_data)
+    fitted = make_module(dm)
+    plain = copy.deepcopy(fitted)
+    record = _Batches()
+    make_trainer(tmp_path, 3, callbacks=[record]).fit(fitted, datamodule=dm)
+    assert dm.task_prompts is not None
+    plain.set_task_context(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
+    (critic_opt, actor_opt), _ = plain.configure_optimizers()
+    before = _snapshot(plain)
+    for batch in record.batches:
+        stats = plain.update(batch, critic_opt, actor_opt, Tensor.backward)
+    assert not _same(before, _snapshot(plain))  # it trained
+    assert plain.updates == fitted.updates == 3
+    assert _same(_snapshot(plain), _snapshot(fitted))
+    assert _same(trained_state(plain), trained_state(fitted))  # target critics too
+    assert torch.isfinite(stats.critic.loss) and stats.actions.shape == record.batches[-1].action.shape
 
 
 def test_training_without_task_context_fails_clearly(tmp_path: Path) -> None:
