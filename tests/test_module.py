@@ -214,7 +214,7 @@ class _Batches(L.Callback):
 
 
 def test_update_in_a_plain_loop_matches_fit(model_data: ModelData, tmp_path: Path) -> None:
-    """`update` with plain optimizers and `Tensor.backward` trains exactly as `fit` on the same batches."""
+    """``update`` with plain optimizers and ``Tensor.backward`` trains exactly as ``fit`` does."""
     dm = make_datamodule(model_data)
     fitted = make_module(dm)
     plain = copy.deepcopy(fitted)
