@@ -392,7 +392,7 @@ class LLMDPDModule(L.LightningModule):
         # Lightning's per-call logging overhead is ~1 ms per value on CPU (20% of an update when
         # logging every update): log only on the updates whose metrics reach the loggers.
         if self.trainer._logger_connector.should_update_logs:
-            self._log_update(*stats)
+            self._log_update(stats)
 
     def update(
         self,
@@ -443,30 +443,23 @@ class LLMDPDModule(L.LightningModule):
         self.updates += 1
         return UpdateStats(c, a, c_norms, a_norms, a_new)
 
-    def _log_update(
-        self,
-        c: CriticLosses,
-        a: ActorLosses,
-        c_norms: dict[str, Tensor],
-        a_norms: dict[str, Tensor],
-        a_new: Tensor,
-    ) -> None:
+    def _log_update(self, s: UpdateStats) -> None:
         """Log one update's losses, Q statistics, gradient norms and action statistics."""
         self.log_dict(
             {
-                **c.as_dict("train/critic/"),
-                **a.as_dict("train/actor/"),
-                **{f"grad_norm/{k}": v for k, v in a_norms.items() if k != "total"},
-                "grad_norm/critic": c_norms["critic"],
-                "train/action/abs_mean": a_new.abs().mean(),
-                "train/action/std": a_new.std(),
-                "train/action/at_bound": (a_new.abs() > 0.999).float().mean(),
+                **s.critic.as_dict("train/critic/"),
+                **s.actor.as_dict("train/actor/"),
+                **{f"grad_norm/{k}": v for k, v in s.actor_norms.items() if k != "total"},
+                "grad_norm/critic": s.critic_norms["critic"],
+                "train/action/abs_mean": s.actions.abs().mean(),
+                "train/action/std": s.actions.std(),
+                "train/action/at_bound": (s.actions.abs() > 0.999).float().mean(),
                 "train/updates": float(self.updates),
             },
             on_step=True,
             on_epoch=False,
         )
-        self.log("train/bc_loss", a.bc_loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        self.log("train/bc_loss", s.actor.bc_loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
 
     def configure_optimizers(self) -> Any:
         actor_opt_fn, critic_opt_fn, actor_sched_fn, critic_sched_fn = self._optimizer_factories

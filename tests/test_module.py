@@ -233,6 +233,17 @@ def test_update_in_a_plain_loop_matches_fit(model_data: ModelData, tmp_path: Pat
     assert torch.isfinite(stats.critic.loss) and stats.actions.shape == record.batches[-1].action.shape
 
 
+def test_logging_steps_log_losses_norms_and_action_statistics(model_data: ModelData, tmp_path: Path) -> None:
+    dm = make_datamodule(model_data)
+    trainer = make_trainer(tmp_path, 2, log_every_n_steps=1)
+    trainer.fit(make_module(dm), datamodule=dm)
+    logged = trainer.callback_metrics
+    for key in ("train/critic/loss", "train/actor/bc_loss", "grad_norm/denoiser", "grad_norm/traj_encoder",
+                "grad_norm/critic", "train/action/std", "train/updates"):
+        assert torch.isfinite(logged[key]), key
+    assert logged["train/updates"] == 2
+
+
 def test_training_without_task_context_fails_clearly(tmp_path: Path) -> None:
     module = LLMDPDModule(2, 1, 8, 3, prompts="none", hidden_dim=32)
     stream = BatchStream(bandit_data(64), 16, 1, 0, 0, "proportional")
