@@ -26,16 +26,14 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch._inductor.config as inductor_config
 import yaml
 from report import report
 from torch import Tensor, nn
-from train_step import build, ema_from_config
+from train_step import build, ema_from_config, start_in_steady_state
 
 from llmdpd_pl import networks
 
@@ -52,10 +50,10 @@ def _mish_autodiff(x: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def variant(name: str) -> Iterator[dict[str, Any]]:
-    """Patches of one variant, active inside the block; yields model overrides for ``build``."""
+def variant(name: str) -> Iterator[None]:
+    """Process-wide patches of one variant, active inside the block (``compiled_adam`` is set up in
+    :func:`updater`, on the optimizers)."""
     saved = (networks.mish, nn.Linear.forward, networks.StackedLinear.forward)
-    overrides: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         if name == "mish_autodiff":  # one function object, so compiled graphs' guards keep matching
             networks.mish = _mish_autodiff
@@ -74,22 +72,14 @@ def variant(name: str) -> Iterator[dict[str, Any]]:
 
             nn.Linear.forward = linear_fwd  # type: ignore[method-assign]
             networks.StackedLinear.forward = stacked_fwd  # type: ignore[method-assign]
-        elif name == "compiled_adam":
-
-            def compiled(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
-                opt = torch.optim.Adam(params, **{**kwargs, "fused": False, "foreach": True})
-                opt.step = torch.compile(opt.step)  # type: ignore[method-assign]
-                return opt
-
-            overrides = {"actor_optimizer": compiled, "critic_optimizer": compiled}
         elif name == "no_size_asserts":
             stack.enter_context(inductor_config.patch(size_asserts=False))
         elif name == "cpp_wrapper":
             stack.enter_context(inductor_config.patch(cpp_wrapper=True))
-        elif name != "current":
+        elif name not in ("current", "compiled_adam"):
             raise ValueError(f"unknown variant {name!r}")
         try:
-            yield overrides
+            yield
         finally:
             networks.mish, nn.Linear.forward, networks.StackedLinear.forward = saved  # type: ignore[method-assign]
 
@@ -97,18 +87,21 @@ def variant(name: str) -> Iterator[dict[str, Any]]:
 def updater(config: Path, name: str, warmup: int) -> Callable[[], None]:
     """One fresh module of ``name``, warmed up; returns a function that runs one update."""
     cfg = yaml.safe_load(config.read_text())
-    with variant(name) as overrides:
-        if "critic_optimizer" in overrides:  # the config's Adam arguments (lr, ...) but ``fused``
-            adam = cfg["model"]["critic_optimizer"].get("init_args", {})
-            adam = {k: v for k, v in adam.items() if k != "fused"}
-            overrides = {k: partial(v, **adam) for k, v in overrides.items()}
-        module, stream = build(config, 256, 3, "cpu", **overrides)
+    with variant(name):
+        # compiled_adam: the config's Adam without ``fused``, as foreach Adam with its step compiled.
+        ablations = ("unfused_adam",) if name == "compiled_adam" else ()
+        module, stream = build(config, 256, 3, "cpu", ablations)
         module.configure_model()
         (critic_opt, actor_opt), _ = module.configure_optimizers()
+        if name == "compiled_adam":
+            for opt in (critic_opt, actor_opt):
+                for group in opt.param_groups:
+                    group["foreach"] = True
+                opt.step = torch.compile(opt.step)
         ema = ema_from_config(cfg)
         for callback in ema:
             callback.setup(None, module, "fit")  # type: ignore[arg-type]
-        module.updates = ema[0].start if ema else 0  # the EMA's steady state, as in train_step.py
+        start_in_steady_state(module, ema)
         batches = iter(stream)
 
         def step() -> None:

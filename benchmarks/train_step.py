@@ -112,7 +112,7 @@ def ablated(ablations: Sequence[str]) -> Iterator[None]:
         @torch.no_grad()
         def ema_prompt_embeddings(self: LLMDPDModule, prompt_index: Tensor) -> Tensor:
             seen = torch.arange(self.n_seen, device=self.device)
-            return self._encode_prompts(self.ema_policy, *self.task_prompts(seen, prompt_index))
+            return self.prompt_context(self.ema_policy, seen, prompt_index)
 
         LLMDPDModule.ema_prompt_embeddings = ema_prompt_embeddings  # type: ignore[method-assign]
     try:
@@ -154,6 +154,12 @@ def build(
     return module, BatchStream(data, batch_size, 10**9, seed=0, rank=0, task_sampling="balanced")
 
 
+def start_in_steady_state(module: LLMDPDModule, ema: Sequence[L.Callback]) -> None:
+    """Start the module's update counter at ``ActorEMA.start`` (module docstring): the EMA then averages
+    every ``every`` updates, as in all but the first ``start`` updates of a run."""
+    module.updates = ema[0].start if ema else 0
+
+
 def steady_state_trainer(
     module: LLMDPDModule,
     accelerator: str,
@@ -165,9 +171,9 @@ def steady_state_trainer(
 ) -> L.Trainer:
     """A bare Trainer for ``updates`` updates, with the module's counter set to the EMA's steady state.
 
-    The counter starts at ``ActorEMA.start`` (module docstring), so the EMA averages every ``every`` updates.
+    The counter starts at ``ActorEMA.start`` (:func:`start_in_steady_state`).
     """
-    module.updates = ema[0].start if ema else 0
+    start_in_steady_state(module, ema)
     return L.Trainer(
         accelerator=accelerator,
         devices=1,
