@@ -64,7 +64,7 @@ def main() -> None:
         module = LLMDPDModule.load_from_checkpoint(args.ckpt, map_location="cpu")
     else:
         module, _ = build(args.config, 256, 3, "cpu")
-        module.task_names = (args.task, "task1", "task2")
+        module.context.task_names = (args.task, "task1", "task2")
     if args.action_selection:
         module.hparams.action_selection = args.action_selection
     if args.compile is not None:

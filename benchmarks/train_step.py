@@ -111,7 +111,7 @@ def ablated(ablations: Sequence[str]) -> Iterator[None]:
 
         @torch.no_grad()
         def ema_prompt_embeddings(self: LLMDPDModule, prompt_index: Tensor) -> Tensor:
-            seen = torch.arange(self.n_seen, device=self.device)
+            seen = torch.arange(self.context.n_seen, device=self.device)
             return self.prompt_context(self.ema_policy, seen, prompt_index)
 
         LLMDPDModule.ema_prompt_embeddings = ema_prompt_embeddings  # type: ignore[method-assign]
@@ -142,7 +142,7 @@ def build(
         traj_obs=torch.randn(n_tasks, P, L_, OBS_DIM, generator=gen),
         traj_act=torch.rand(n_tasks, P, L_, ACT_DIM, generator=gen) * 2 - 1,
     )
-    module.set_task_context(prompts, torch.zeros(OBS_DIM), torch.ones(OBS_DIM), n_seen=n_tasks)
+    module.context.fill(prompts, torch.zeros(OBS_DIM), torch.ones(OBS_DIM), n_seen=n_tasks)
     data = Transitions(
         obs=torch.randn(N, OBS_DIM, generator=gen),
         action=torch.rand(N, ACT_DIM, generator=gen) * 2 - 1,

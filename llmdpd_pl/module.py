@@ -26,14 +26,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from llmdpd_pl.context import BANKS, TaskContext
 from llmdpd_pl.data.collect import derive_seed
-from llmdpd_pl.data.datamodule import Batch, TaskPrompts
+from llmdpd_pl.data.datamodule import Batch
 from llmdpd_pl.losses import ActorLosses, CriticLosses
 from llmdpd_pl.networks import TwinCritic
-from llmdpd_pl.objectives import Prompts, actor_objective, critic_objective
+from llmdpd_pl.objectives import actor_objective, critic_objective
 from llmdpd_pl.policy import PromptedPolicy, PromptMode
-
-_BANKS = ("text_bank", "traj_obs_bank", "traj_act_bank", "obs_mean", "obs_std")
 
 
 def clip_grad_norms(groups: Mapping[str, Iterable[nn.Parameter]], max_norm: float) -> dict[str, Tensor]:
@@ -190,14 +189,8 @@ class LLMDPDModule(L.LightningModule):
             actor_lr_scheduler,
             critic_lr_scheduler,
         )
-        # Task context, filled from the datamodule in setup() and saved with the weights.
-        self.register_buffer("text_bank", torch.zeros(0, text_embed_dim))  # (T, E)
-        self.register_buffer("traj_obs_bank", torch.zeros(0, 1, traj_prompt_len, obs_dim))  # (T, P, L, S)
-        self.register_buffer("traj_act_bank", torch.zeros(0, 1, traj_prompt_len, act_dim))  # (T, P, L, A)
-        self.register_buffer("obs_mean", torch.zeros(obs_dim))
-        self.register_buffer("obs_std", torch.ones(obs_dim))
-        self.task_names: tuple[str, ...] = ()
-        self.n_seen = 0
+        # Filled from the datamodule in setup() (or by context.fill) and saved with the weights.
+        self.context = TaskContext(obs_dim, act_dim, text_embed_dim, traj_prompt_len, text_source, text_seed)
         self.updates = 0
         self._ema: tuple[PromptedPolicy, ...] = ()
         self._ema_z_table: tuple[tuple[Tensor, ...], tuple[int, ...], Tensor] | None = None
@@ -206,31 +199,10 @@ class LLMDPDModule(L.LightningModule):
         self._critic_objective, self._actor_objective = critic_objective, actor_objective
 
     # ------------------------------------------------------------------ task context
-    def set_task_context(self, prompts: TaskPrompts, obs_mean: Tensor, obs_std: Tensor, n_seen: int) -> None:
-        """Copy every task's prompts and the observation statistics into the module's buffers."""
-        text = prompts.text_embedding
-        if self.hparams["text_source"] == "random":  # same dimension and norm, no task semantics
-            text = torch.stack(
-                [
-                    torch.randn(
-                        text.shape[1],
-                        generator=torch.Generator().manual_seed(derive_seed(self.hparams["text_seed"], name)),
-                    )
-                    for name in prompts.names
-                ]
-            )
-            text = text / text.norm(dim=1, keepdim=True) * prompts.text_embedding.norm(dim=1, keepdim=True)
-        device = self.obs_mean.device
-        self.text_bank = text.to(device)
-        self.traj_obs_bank = prompts.traj_obs.to(device)
-        self.traj_act_bank = prompts.traj_act.to(device)
-        self.obs_mean, self.obs_std = obs_mean.to(device), obs_std.to(device)
-        self.task_names, self.n_seen = tuple(prompts.names), n_seen
-
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and getattr(dm, "task_prompts", None) is not None:
-            self.set_task_context(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
+            self.context.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
 
     def configure_model(self) -> None:
         if self.hparams["compile"]:
@@ -243,23 +215,23 @@ class LLMDPDModule(L.LightningModule):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        for name in _BANKS:  # the banks' shapes depend on the data: take the checkpoint's
+        for name in BANKS:  # checkpoints from before the context was a submodule held its buffers here
             if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.obs_mean.device))
+                state_dict[f"{prefix}context.{name}"] = state_dict.pop(prefix + name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["llmdpd"] = {
             "updates": self.updates,
-            "task_names": list(self.task_names),
-            "n_seen": self.n_seen,
+            "task_names": list(self.context.task_names),
+            "n_seen": self.context.n_seen,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("llmdpd", {})
         self.updates = int(extra.get("updates", 0))
-        self.task_names = tuple(extra.get("task_names", self.task_names))
-        self.n_seen = int(extra.get("n_seen", self.n_seen))
+        self.context.task_names = tuple(extra.get("task_names", self.context.task_names))
+        self.context.n_seen = int(extra.get("n_seen", self.context.n_seen))
 
     # ------------------------------------------------------------------ EMA interface
     def attach_ema(self, policy: PromptedPolicy) -> None:
@@ -272,21 +244,12 @@ class LLMDPDModule(L.LightningModule):
         return self._ema[0] if self._ema else self.policy
 
     # ------------------------------------------------------------------ building blocks
-    def normalize(self, obs: Tensor) -> Tensor:
-        """(…, S) raw states → (…, S) standardised with the seen-task statistics."""
-        return (obs - self.obs_mean) / self.obs_std
-
-    def task_prompts(self, tasks: Tensor, prompt_index: Tensor) -> Prompts:
-        """The given tasks' text embeddings and trajectory prompt ``prompt_index``: (T,), (T,) → (T, …)."""
-        traj_obs = self.normalize(self.traj_obs_bank[tasks, prompt_index])  # (T, L, S)
-        return self.text_bank[tasks], traj_obs, self.traj_act_bank[tasks, prompt_index]
-
     def prompt_context(self, policy: PromptedPolicy, tasks: Tensor, prompt_index: Tensor) -> Tensor:
         """z for the given tasks, each with its trajectory prompt ``prompt_index``: (T,), (T,) → (T, C).
 
         Compiled with ``compile``; differentiable in ``policy``'s prompt encoders unless under no_grad.
         """
-        return self._encode_prompts(policy, *self.task_prompts(tasks, prompt_index))
+        return self._encode_prompts(policy, *self.context.prompts(tasks, prompt_index))
 
     @torch.no_grad()
     def ema_prompt_embeddings(self, prompt_index: Tensor) -> Tensor:
@@ -299,7 +262,7 @@ class LLMDPDModule(L.LightningModule):
         them (an EMA write, a checkpoint load, new task context) recomputes the table.
         """
         ema = self.ema_policy
-        watched = (*ema.parameters(), *(getattr(self, name) for name in _BANKS))
+        watched = (*ema.parameters(), *self.context.buffers())
         versions = tuple(t._version for t in watched)
         table = self._ema_z_table
         if (
@@ -308,11 +271,11 @@ class LLMDPDModule(L.LightningModule):
             or any(a is not b for a, b in zip(table[0], watched, strict=True))
         ):
             n = self._n_train_prompts()
-            tasks = torch.arange(self.n_seen, device=self.device).repeat_interleave(n)  # (T·n,)
-            index = torch.arange(n, device=self.device).repeat(self.n_seen)  # (T·n,)
-            z = self.prompt_context(ema, tasks, index).view(self.n_seen, n, -1)
+            tasks = torch.arange(self.context.n_seen, device=self.device).repeat_interleave(n)  # (T·n,)
+            index = torch.arange(n, device=self.device).repeat(self.context.n_seen)  # (T·n,)
+            z = self.prompt_context(ema, tasks, index).view(self.context.n_seen, n, -1)
             table = self._ema_z_table = (watched, versions, z)  # z: (T, n, C)
-        return table[2][torch.arange(self.n_seen, device=self.device), prompt_index]  # (T, C)
+        return table[2][torch.arange(self.context.n_seen, device=self.device), prompt_index]  # (T, C)
 
     def _generator(self) -> torch.Generator:
         gen = torch.Generator(device=self.device)
@@ -372,18 +335,18 @@ class LLMDPDModule(L.LightningModule):
 
     def _n_train_prompts(self) -> int:
         """Trajectory prompts per seen task that training draws from: all, or the first only."""
-        return 1 if self.hparams["train_prompt"] == "first" else self.traj_obs_bank.shape[1]
+        return 1 if self.hparams["train_prompt"] == "first" else self.context.n_prompts
 
     def _train_prompt_index(self, gen: torch.Generator) -> Tensor:
         n_prompts = self._n_train_prompts()
         if n_prompts == 1:
-            return torch.zeros(self.n_seen, dtype=torch.long, device=self.device)
-        return torch.randint(n_prompts, (self.n_seen,), generator=gen, device=self.device)
+            return torch.zeros(self.context.n_seen, dtype=torch.long, device=self.device)
+        return torch.randint(n_prompts, (self.context.n_seen,), generator=gen, device=self.device)
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
-        if self.n_seen == 0:
+        if self.context.n_seen == 0:
             raise RuntimeError(
-                "no task context: fit with PromptedOfflineDataModule, or call set_task_context()"
+                "no task context: fit with PromptedOfflineDataModule, or call module.context.fill()"
             )
         critic_opt, actor_opt = self.optimizers()  # type: ignore[misc]
         stats = self.update(batch, critic_opt, actor_opt, self.manual_backward)
@@ -407,8 +370,8 @@ class LLMDPDModule(L.LightningModule):
         the same update runs in plain loops, e.g. ``benchmarks/ab_blocks.py``'s.
         """
         gen = self._generator()
-        obs, next_obs = self.normalize(batch.obs), self.normalize(batch.next_obs)  # (B, S)
-        seen = torch.arange(self.n_seen, device=self.device)
+        obs, next_obs = self.context.normalize(batch.obs), self.context.normalize(batch.next_obs)  # (B, S)
+        seen = torch.arange(self.context.n_seen, device=self.device)
         prompt_index = self._train_prompt_index(gen)  # (T,), one trajectory prompt per seen task
         # Encoded once: the critics read z detached, the actor step backpropagates through it.
         z = self.prompt_context(self.policy, seen, prompt_index)  # (T, C)
@@ -492,7 +455,7 @@ class LLMDPDModule(L.LightningModule):
         ``action_selection='q_softmax'`` draws ``n_action_candidates`` per state and picks one with
         probability softmax(min(Q1', Q2')) (Diffusion-QL's evaluation); ``sample`` draws one.
         """
-        obs_n = self.normalize(obs)  # (N, S)
+        obs_n = self.context.normalize(obs)  # (N, S)
         diffusion, act_dim = self.ema_policy.diffusion, self.hparams["act_dim"]
         if self.hparams["action_selection"] == "sample":
             noise = diffusion.chain_noise((len(obs), act_dim), generator, obs.device)
@@ -513,11 +476,3 @@ class LLMDPDModule(L.LightningModule):
         tasks, inverse = torch.unique(task_index, return_inverse=True)
         cond, critic_cond = self.task_conditioning(tasks, prompt_index)
         return self.act_conditioned(obs, cond[inverse], critic_cond[inverse], generator)
-
-    def task_ids(self, names: Iterable[str]) -> Tensor:
-        """Indices of task names in this model's task context."""
-        index = {n: i for i, n in enumerate(self.task_names)}
-        missing = [n for n in names if n not in index]
-        if missing:
-            raise ValueError(f"tasks {missing} are not in the model's task context {list(self.task_names)}")
-        return torch.tensor([index[n] for n in names], device=self.device)

@@ -112,7 +112,7 @@ def context_module(data: ModelData, **overrides: Any) -> tuple[LLMDPDModule, Pro
     dm.setup("fit")
     module = make_module(dm, **overrides)
     assert dm.task_prompts is not None
-    module.set_task_context(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
+    module.context.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
     return module, dm
 
 

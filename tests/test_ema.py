@@ -117,9 +117,9 @@ def test_q_targets_come_from_the_ema_actor(model_data: ModelData) -> None:
 
     assert dm.stream is not None
     batch = dm.stream.sample(0)
-    obs, next_obs = module.normalize(batch.obs), module.normalize(batch.next_obs)
-    index = torch.zeros(module.n_seen, dtype=torch.long)
-    prompts = module.task_prompts(torch.arange(module.n_seen), index)
+    obs, next_obs = module.context.normalize(batch.obs), module.context.normalize(batch.next_obs)
+    index = torch.zeros(module.context.n_seen, dtype=torch.long)
+    prompts = module.context.prompts(torch.arange(module.context.n_seen), index)
 
     def target() -> Tensor:
         gen = torch.Generator().manual_seed(0)
@@ -148,19 +148,19 @@ def test_ema_prompt_embeddings_are_recomputed_exactly_when_the_ema_changes(model
     ema = make_module(dm).policy
     ema.load_state_dict(module.policy.state_dict())
     module.attach_ema(ema)
-    n_prompts = module.traj_obs_bank.shape[1]
+    n_prompts = module.context.n_prompts
     assert n_prompts > 1
-    seen = torch.arange(module.n_seen)
+    seen = torch.arange(module.context.n_seen)
 
     def check(index: Tensor) -> Tensor:
         got = module.ema_prompt_embeddings(index)
         with torch.no_grad():
-            want = ema.encode_prompts(*module.task_prompts(seen, index))
+            want = ema.encode_prompts(*module.context.prompts(seen, index))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         return got
 
-    first = torch.zeros(module.n_seen, dtype=torch.long)
-    last = torch.full((module.n_seen,), n_prompts - 1)
+    first = torch.zeros(module.context.n_seen, dtype=torch.long)
+    last = torch.full((module.context.n_seen,), n_prompts - 1)
     check(first)
     table = module._ema_z_table
     check(last)
@@ -170,7 +170,7 @@ def test_ema_prompt_embeddings_are_recomputed_exactly_when_the_ema_changes(model
     assert not torch.equal(check(last), table[2][seen, last])
     table = module._ema_z_table
     with torch.no_grad():  # new prompt data in place
-        module.traj_obs_bank.mul_(2.0)
+        module.context.traj_obs_bank.mul_(2.0)
     assert not torch.equal(check(first), table[2][seen, first])
     ema.load_state_dict(module.policy.state_dict())  # a checkpoint-style load
     check(first)

@@ -55,7 +55,7 @@ def module_policy(module: Any, prompt_index: int, seed: int) -> PolicyFn:
 
     def act(obs: np.ndarray, task: str) -> np.ndarray:
         if task not in conditioning:
-            conditioning[task] = module.task_conditioning(module.task_ids([task]), prompt_index)
+            conditioning[task] = module.task_conditioning(module.context.task_ids([task]), prompt_index)
         cond, critic_cond = (c.expand(len(obs), -1) for c in conditioning[task])
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=module.device)
         return module.act_conditioned(obs_t, cond, critic_cond, gen).cpu().numpy()
