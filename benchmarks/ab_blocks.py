@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch._inductor.config as inductor_config
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from train_step import build, ema_from_config, start_in_steady_state
 
 from llmdpd_pl import networks
+from llmdpd_pl.module import LLMDPDModule
 
 _EAGER_MISH = networks.mish
 
@@ -84,13 +86,22 @@ def variant(name: str) -> Iterator[None]:
             networks.mish, nn.Linear.forward, networks.StackedLinear.forward = saved  # type: ignore[method-assign]
 
 
-def updater(config: Path, name: str, warmup: int) -> Callable[[], None]:
-    """One fresh module of ``name``, warmed up; returns a function that runs one update."""
+class PlainLoop(NamedTuple):
+    """A built, warmed-up module with its optimizers; ``step(backward)`` runs one update and the EMA's."""
+
+    module: LLMDPDModule
+    critic_opt: torch.optim.Optimizer
+    actor_opt: torch.optim.Optimizer
+    step: Callable[..., None]
+
+
+def updater(config: Path, name: str, warmup: int, **overrides: Any) -> PlainLoop:
+    """One fresh module of ``name`` (``overrides`` go to the model), warmed up, in a plain update loop."""
     cfg = yaml.safe_load(config.read_text())
     with variant(name):
         # compiled_adam: the config's Adam without ``fused``, as foreach Adam with its step compiled.
         ablations = ("unfused_adam",) if name == "compiled_adam" else ()
-        module, stream = build(config, 256, 3, "cpu", ablations)
+        module, stream = build(config, 256, 3, "cpu", ablations, **overrides)
         module.configure_model()
         (critic_opt, actor_opt), _ = module.configure_optimizers()
         if name == "compiled_adam":
@@ -104,14 +115,14 @@ def updater(config: Path, name: str, warmup: int) -> Callable[[], None]:
         start_in_steady_state(module, ema)
         batches = iter(stream)
 
-        def step() -> None:
-            module.update(next(batches), critic_opt, actor_opt, Tensor.backward)
+        def step(backward: Callable[[Tensor], Any] = Tensor.backward) -> None:
+            module.update(next(batches), critic_opt, actor_opt, backward)
             for callback in ema:
                 callback.on_train_batch_end(None, module, None, None, 0)  # type: ignore[arg-type]
 
         for _ in range(warmup):
             step()
-    return step
+    return PlainLoop(module, critic_opt, actor_opt, step)
 
 
 def main() -> None:
@@ -129,7 +140,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     names = ["current", *args.variants]
-    steps = {name: updater(args.config, name, args.warmup) for name in names}
+    steps = {name: updater(args.config, name, args.warmup).step for name in names}
     rates: dict[str, list[float]] = {name: [] for name in names}
     for b in range(args.blocks):
         for name in names if b % 2 == 0 else names[::-1]:
