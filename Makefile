@@ -35,3 +35,4 @@ demo: install  ## the CPU demonstration end to end: collect, fit (<= 45 min), te
 
 bench:  ## benchmarks (write JSON next to themselves)
 	$(PYTHON) benchmarks/train_step.py
+	$(PYTHON) benchmarks/phases.py
