@@ -9,7 +9,8 @@ inside it: the EMA's prompt table calls the prompt encoding, for instance, and `
 is the loop's step outside the update. ``rest of the update`` is the update's time outside the listed
 phases (random draws, ``requires_grad`` switches, the target critics' soft update). FLOPs are counted per
 phase by ``FlopCounterMode`` on an eager twin of the module, as the mean over ``ActorEMA.every`` updates
-(the EMA's prompt table is recomputed once in that many). Prints a table, writes JSON next to this file.
+(the EMA's prompt table is recomputed once in that many). CPU only: the times are host wall times,
+without device synchronisation. Prints a table, writes JSON next to this file.
 """
 
 from __future__ import annotations
