@@ -51,46 +51,47 @@ PHASES = (
 )
 
 
-class PhaseTimer:
-    """Exclusive wall time per phase: a phase entered inside another is not counted in the outer one."""
+Measure = Callable[[], contextlib.AbstractContextManager[Callable[[], float]]]
+"""A context manager whose value, called after the block, gives what the block used (seconds, FLOPs)."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
+
+@contextlib.contextmanager
+def wall_time() -> Iterator[Callable[[], float]]:
+    start = time.perf_counter()
+    end = [start]
+    try:
+        yield lambda: end[0] - start
+    finally:
+        end[0] = time.perf_counter()
+
+
+@contextlib.contextmanager
+def flop_count() -> Iterator[Callable[[], float]]:
+    with FlopCounterMode(display=False) as counter:
+        yield counter.get_total_flops
+
+
+class Phases:
+    """Per-phase totals of ``measure``, each phase's own: what a nested phase used is not counted in the
+    phase it was entered from."""
+
+    def __init__(self, measure: Measure) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self._measure = measure
         self._stack: list[str] = []
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         self._stack.append(name)
-        start = time.perf_counter()
         try:
-            yield
-        finally:
-            elapsed = time.perf_counter() - start
-            self._stack.pop()
-            self.seconds[name] += elapsed
-            if self._stack:
-                self.seconds[self._stack[-1]] -= elapsed
-
-
-class PhaseFlops:
-    """FLOPs per phase, with the same exclusive accounting as :class:`PhaseTimer`."""
-
-    def __init__(self) -> None:
-        self.flops: dict[str, float] = defaultdict(float)
-        self._stack: list[str] = []
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        self._stack.append(name)
-        with FlopCounterMode(display=False) as counter:
-            try:
+            with self._measure() as used:
                 yield
-            finally:
-                self._stack.pop()
-        total = counter.get_total_flops()
-        self.flops[name] += total
+        finally:
+            self._stack.pop()
+        amount = used()
+        self.totals[name] += amount
         if self._stack:
-            self.flops[self._stack[-1]] -= total
+            self.totals[self._stack[-1]] -= amount
 
 
 Phase = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -142,26 +143,25 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     ema = ema_from_config(yaml.safe_load(args.config.read_text()))
-    n_flops = ema[0].every if ema else 1  # type: ignore[attr-defined]
+    n_flops = ema[0].every if ema else 1
 
-    counted = PhaseFlops()
+    counted = Phases(flop_count)
     eager = instrumented(updater(args.config, "current", 0, compile=False), counted.phase)
-    counted.flops.clear()
     for _ in range(n_flops):
         eager()
-    flops = {name: counted.flops[name] / n_flops for name in PHASES}
+    flops = {name: counted.totals[name] / n_flops for name in PHASES}
 
-    timer = PhaseTimer()
+    timer = Phases(wall_time)
     step = instrumented(updater(args.config, "current", args.warmup), timer.phase)
     ms: dict[str, list[float]] = {name: [] for name in (*PHASES, "update")}
     for _ in range(args.repeats):
-        timer.seconds.clear()
+        timer.totals.clear()
         start = time.perf_counter()
         for _ in range(args.updates):
             step()
         ms["update"].append(1e3 * (time.perf_counter() - start) / args.updates)
         for name in PHASES:
-            ms[name].append(1e3 * timer.seconds[name] / args.updates)
+            ms[name].append(1e3 * timer.totals[name] / args.updates)
     peak = matmul_peak(torch.device("cpu"))
     median = {name: statistics.median(v) for name, v in ms.items()}
     rows = {
