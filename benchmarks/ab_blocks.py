@@ -1,4 +1,4 @@
-"""A/B test of implementation variants of the update, in blocks interleaved in one process.
+"""A/B test of implementation variants of the update, in blocks interleaved across processes.
 
     python benchmarks/ab_blocks.py VARIANT [VARIANT ...] [--blocks 12] [--block 25] [--config ...]
 
@@ -7,25 +7,35 @@ minutes (``NOTES.md``), so whole runs a minute apart cannot resolve a 5% effect.
 current code (``current``) get their own module, built from the config like ``train_step.py``'s (3 tasks,
 batch 256, the config's optimizers, ``compile`` and EMA in its steady state) and warmed up (compiled).
 Then blocks of ``--block`` real updates (``LLMDPDModule.update``, plain optimizers, the EMA callback's
-own update, no Lightning loop) alternate between them, in turn first, so neighbouring blocks see the same
-machine. Reports each variant's median updates/s over blocks and its median paired ratio against
-``current``; writes JSON next to this file.
+own update, no Lightning loop) run in pairs, each variant's block next to one of ``current``'s, in turn
+first, so that both blocks of a pair see the same machine. Reports each variant's median updates/s over
+blocks and its median paired ratio against ``current``; writes JSON next to this file.
 
-Variants (prototypes of optimisations; each is applied while its module is built, compiled and run):
+**Each variant runs in a process of its own**, with inductor's on-disk caches off. Dynamo keeps its
+compiled graphs per function, not per module, and inductor's config is not among its guards, so in one
+process a variant that changes only the compiler's settings would run ``current``'s graphs (the fourth
+session's harness did, for three of its five variants: ``NOTES.md``). Only the process whose turn it is
+computes; the others wait on a pipe.
+
+Variants (prototypes of optimisations; each is applied for its process's lifetime):
 ``mish_autodiff`` (under compile, Mish as plain tensor ops whose backward inductor derives, instead of
 the closed-form autograd.Function), ``compiled_adam`` (foreach Adam with ``torch.compile``d ``step``),
-``unfused_bias`` (under compile, Linear layers as matmul + bias add, so that the add can fuse into the
-next pointwise kernel instead of ``addmm`` copying the bias into its output), ``no_size_asserts``
-(inductor's ``size_asserts`` off), ``cpp_wrapper`` (inductor's C++ wrapper instead of Python).
+``unfused_bias`` (inductor splits an ``addmm`` whose output feeds only pointwise ops into ``mm`` + a bias
+add that fuses into them, as it does on GPUs, instead of ``addmm`` copying the bias into its output),
+``no_size_asserts`` (inductor's ``size_asserts`` off), ``cpp_wrapper`` (inductor's C++ wrapper instead
+of Python), ``always_rescale`` (gradient clipping multiplies even by a factor of exactly 1, as before the
+sixth session, when it learned to skip that: ``NOTES.md``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,13 +43,24 @@ import torch
 import torch._inductor.config as inductor_config
 import yaml
 from report import report
-from torch import Tensor, nn
+from torch import Tensor
+from torch._inductor.fx_passes import post_grad
 from train_step import build, ema_from_config, start_in_steady_state
 
+from llmdpd_pl import module as module_lib
 from llmdpd_pl import networks
 from llmdpd_pl.module import LLMDPDModule
 
+VARIANTS = (
+    "mish_autodiff",
+    "compiled_adam",
+    "unfused_bias",
+    "no_size_asserts",
+    "cpp_wrapper",
+    "always_rescale",
+)
 _EAGER_MISH = networks.mish
+_CLIP = module_lib.clip_grad_norms
 
 
 def _mish_autodiff(x: Tensor) -> Tensor:
@@ -51,29 +72,51 @@ def _mish_autodiff(x: Tensor) -> Tensor:
     return x * (p / (2 - p))
 
 
+def _always_rescale(groups: Any, max_norm: float) -> dict[str, Tensor]:
+    """``clip_grad_norms`` as before the sixth session: the multiply runs even when its factor is 1."""
+    groups = {name: list(params) for name, params in groups.items()}
+    norms = _CLIP(groups, 0.0)  # measure only
+    if max_norm > 0:
+        grads = [p.grad for params in groups.values() for p in params if p.grad is not None]
+        torch._foreach_mul_(grads, (max_norm / (norms["total"] + 1e-6)).clamp(max=1.0))
+    return norms
+
+
+def _prefer_unfused_addmm(match: Any) -> bool:
+    """Inductor's ``should_prefer_unfused_addmm`` without its GPU-only condition."""
+    return all(post_grad.is_pointwise_use(use) for use in match.output_node().users)
+
+
+@contextlib.contextmanager
+def _unfused_bias() -> Iterator[None]:
+    """Point inductor's two post-grad addmm patterns (unfuse ``addmm``, fuse ``mm`` + add) at CPU too."""
+    entries = [e for patterns in post_grad.pass_patterns[2].patterns.values() for e in patterns]
+    saved = [(e, e.extra_check) for e in entries]
+    valid = post_grad.is_valid_addmm_fusion
+    for e in entries:
+        if e.extra_check is post_grad.should_prefer_unfused_addmm:
+            e.extra_check = _prefer_unfused_addmm
+        elif e.extra_check is valid:
+            e.extra_check = lambda match: valid(match) and not _prefer_unfused_addmm(match)
+    try:
+        yield
+    finally:
+        for e, check in saved:
+            e.extra_check = check
+
+
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
-    """Process-wide patches of one variant, active inside the block (``compiled_adam`` is set up in
-    :func:`updater`, on the optimizers)."""
-    saved = (networks.mish, nn.Linear.forward, networks.StackedLinear.forward)
+    """Process-wide patches of one variant (``compiled_adam`` is set up in :func:`updater`, on the
+    optimizers)."""
+    saved = (networks.mish, module_lib.clip_grad_norms)
     with contextlib.ExitStack() as stack:
         if name == "mish_autodiff":  # one function object, so compiled graphs' guards keep matching
             networks.mish = _mish_autodiff
+        elif name == "always_rescale":
+            module_lib.clip_grad_norms = _always_rescale
         elif name == "unfused_bias":
-            linear, stacked = nn.Linear.forward, networks.StackedLinear.forward
-
-            def linear_fwd(self: nn.Linear, x: Tensor) -> Tensor:
-                if torch.compiler.is_compiling():
-                    return torch.matmul(x, self.weight.t()) + self.bias
-                return linear(self, x)
-
-            def stacked_fwd(self: networks.StackedLinear, x: Tensor) -> Tensor:
-                if torch.compiler.is_compiling():
-                    return torch.bmm(x, self.weight.transpose(1, 2)) + self.bias
-                return stacked(self, x)
-
-            nn.Linear.forward = linear_fwd  # type: ignore[method-assign]
-            networks.StackedLinear.forward = stacked_fwd  # type: ignore[method-assign]
+            stack.enter_context(_unfused_bias())
         elif name == "no_size_asserts":
             stack.enter_context(inductor_config.patch(size_asserts=False))
         elif name == "cpp_wrapper":
@@ -83,7 +126,7 @@ def variant(name: str) -> Iterator[None]:
         try:
             yield
         finally:
-            networks.mish, nn.Linear.forward, networks.StackedLinear.forward = saved  # type: ignore[method-assign]
+            networks.mish, module_lib.clip_grad_norms = saved
 
 
 class PlainLoop(NamedTuple):
@@ -125,34 +168,62 @@ def updater(config: Path, name: str, warmup: int, **overrides: Any) -> PlainLoop
     return PlainLoop(module, critic_opt, actor_opt, step)
 
 
+def _worker(conn: Connection, config: Path, name: str, warmup: int, seed: int) -> None:
+    """One variant's process: build and warm up, say ready, then time each requested block of updates."""
+    inductor_config.fx_graph_cache = False  # compile this process's own graphs (module docstring)
+    inductor_config.autotune_local_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    torch.manual_seed(seed)
+    with variant(name):
+        step = updater(config, name, warmup).step
+        conn.send("ready")
+        while (updates := conn.recv()) is not None:
+            t = time.perf_counter()
+            for _ in range(updates):
+                step()
+            conn.send(updates / (time.perf_counter() - t))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "variants",
-        nargs="+",
-        choices=["mish_autodiff", "compiled_adam", "unfused_bias", "no_size_asserts", "cpp_wrapper"],
-    )
+    p.add_argument("variants", nargs="+", choices=VARIANTS)
     p.add_argument("--config", type=Path, default=Path("configs/metaworld.yaml"))
     p.add_argument("--blocks", type=int, default=12, help="timed blocks per variant")
     p.add_argument("--block", type=int, default=25, help="updates per block")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("ab_blocks.json"))
     args = p.parse_args()
-    torch.manual_seed(0)
     names = ["current", *args.variants]
-    steps = {name: updater(args.config, name, args.warmup).step for name in names}
+    ctx = mp.get_context("spawn")
+    conns: dict[str, Connection] = {}
+    workers = []
+    for name in names:  # one at a time: compiling is the heavy part
+        parent, child = ctx.Pipe()
+        worker = ctx.Process(target=_worker, args=(child, args.config, name, args.warmup, 0), daemon=True)
+        worker.start()
+        if parent.recv() != "ready":
+            raise RuntimeError(f"variant {name!r} failed to start")
+        conns[name] = parent
+        workers.append(worker)
+
+    def block(name: str) -> float:
+        conns[name].send(args.block)
+        return float(conns[name].recv())
+
     rates: dict[str, list[float]] = {name: [] for name in names}
+    pairs: dict[str, list[float]] = {name: [] for name in args.variants}
     for b in range(args.blocks):
-        for name in names if b % 2 == 0 else names[::-1]:
-            with variant(name):
-                t = time.perf_counter()
-                for _ in range(args.block):
-                    steps[name]()
-                rates[name].append(args.block / (time.perf_counter() - t))
-    ratios = {
-        name: statistics.median(a / b for a, b in zip(rates[name], rates["current"], strict=True))
-        for name in args.variants
-    }
+        for name in args.variants:  # each variant's block next to a block of current, in turn first
+            first, second = ("current", name) if b % 2 == 0 else (name, "current")
+            rate = {first: block(first), second: block(second)}
+            rates["current"].append(rate["current"])
+            rates[name].append(rate[name])
+            pairs[name].append(rate[name] / rate["current"])
+    for name in names:
+        conns[name].send(None)
+    for worker in workers:
+        worker.join()
+    ratios = {name: statistics.median(r) for name, r in pairs.items()}
     result = {
         "config": str(args.config),
         "threads": torch.get_num_threads(),
@@ -160,6 +231,7 @@ def main() -> None:
         "block_updates": args.block,
         "updates_per_s": {name: statistics.median(r) for name, r in rates.items()},
         "updates_per_s_blocks": rates,
+        "paired_ratios": pairs,
         "paired_ratio_to_current": ratios,
     }
     report(

@@ -40,6 +40,10 @@ def clip_grad_norms(groups: Mapping[str, Iterable[nn.Parameter]], max_norm: floa
 
     ``total = sqrt(Σ_g ||∇_g||²)``; every gradient is scaled by ``min(1, max_norm / (total + 1e-6))``.
     ``max_norm <= 0`` measures without clipping.
+
+    On the CPU, where reading the factor needs no device sync, a factor of exactly 1 skips the multiply
+    (x · 1 = x, so the gradients are the same): the actor's 1.1M gradients are almost never clipped, and
+    multiplying them by 1 cost about 4% of an update (``benchmarks/NOTES.md``, sixth session).
     """
     norms: dict[str, Tensor] = {}
     grads: list[Tensor] = []
@@ -50,7 +54,9 @@ def clip_grad_norms(groups: Mapping[str, Iterable[nn.Parameter]], max_norm: floa
             grads += g
     total = torch.linalg.vector_norm(torch.stack(list(norms.values())))
     if max_norm > 0:
-        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        if scale.device.type != "cpu" or scale.item() != 1.0:  # NaN != 1: a NaN total still spreads
+            torch._foreach_mul_(grads, scale)
     return {**norms, "total": total}
 
 

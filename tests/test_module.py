@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from llmdpd_pl.callbacks.ema import ActorEMA
 from llmdpd_pl.data.datamodule import Batch, BatchStream
-from llmdpd_pl.module import LLMDPDModule
+from llmdpd_pl.module import LLMDPDModule, clip_grad_norms
 from llmdpd_pl.objectives import actor_objective
 from llmdpd_pl.policy import PromptedPolicy
 from tests.model_fixtures import (
@@ -430,3 +430,46 @@ def test_compiled_objectives_match_eager(model_data: ModelData) -> None:
     # Fused generated kernels vs eager ATen ops: float32 rounding of O(1) values through ~6 layers.
     for got, want in zip([*values, *grads], [*eager_values, *eager_grads], strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- gradient clipping
+def _with_grads(*shapes: tuple[int, ...], scale: float, seed: int) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * scale
+    return params
+
+
+def _flat_grads(params: list[nn.Parameter]) -> Tensor:
+    return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+
+def test_clip_grad_norms_clips_the_groups_jointly() -> None:
+    a, b = _with_grads((3, 4), (5,), scale=10.0, seed=0), _with_grads((2, 2), scale=10.0, seed=1)
+    before_a, before_b = _flat_grads(a).clone(), _flat_grads(b).clone()
+    norms = clip_grad_norms({"a": a, "b": b}, 1.0)
+    assert norms["a"].item() == pytest.approx(before_a.norm().item(), rel=1e-6)
+    assert norms["b"].item() == pytest.approx(before_b.norm().item(), rel=1e-6)
+    assert norms["total"].item() == pytest.approx(torch.cat([before_a, before_b]).norm().item(), rel=1e-6)
+    assert _flat_grads(a + b).norm().item() == pytest.approx(1.0, rel=1e-5)
+    factor = 1.0 / (norms["total"].item() + 1e-6)  # one factor for both groups
+    torch.testing.assert_close(_flat_grads(a), before_a * factor)
+    torch.testing.assert_close(_flat_grads(b), before_b * factor)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.0])
+def test_clip_grad_norms_keeps_gradients_within_the_limit_or_without_one(max_norm: float) -> None:
+    scale = 1e-3 if max_norm > 0 else 1e3  # under the limit, or large with clipping off
+    params = _with_grads((3, 4), (5,), scale=scale, seed=2)
+    before = _flat_grads(params).clone()
+    norms = clip_grad_norms({"a": params}, max_norm)
+    assert torch.equal(_flat_grads(params), before)
+    assert norms["total"].item() == pytest.approx(before.norm().item(), rel=1e-6)
+
+
+def test_clip_grad_norms_spreads_a_nan_instead_of_hiding_it() -> None:
+    params = _with_grads((3,), (4,), scale=1.0, seed=3)
+    params[0].grad[1] = float("nan")  # type: ignore[index]
+    assert clip_grad_norms({"a": params}, 1.0)["total"].isnan()
+    assert _flat_grads(params).isnan().all()
