@@ -139,41 +139,43 @@ class PlainLoop(NamedTuple):
 
 
 def updater(config: Path, name: str, warmup: int, **overrides: Any) -> PlainLoop:
-    """One fresh module of ``name`` (``overrides`` go to the model), warmed up, in a plain update loop."""
+    """One fresh module of ``name`` (``overrides`` go to the model), warmed up, in a plain update loop.
+
+    Call it inside ``variant(name)``, which must stay active while the loop runs (a process's lifetime).
+    """
     cfg = yaml.safe_load(config.read_text())
-    with variant(name):
-        # compiled_adam: the config's Adam without ``fused``, as foreach Adam with its step compiled.
-        ablations = ("unfused_adam",) if name == "compiled_adam" else ()
-        module, stream = build(config, 256, 3, "cpu", ablations, **overrides)
-        module.configure_model()
-        (critic_opt, actor_opt), _ = module.configure_optimizers()
-        if name == "compiled_adam":
-            for opt in (critic_opt, actor_opt):
-                for group in opt.param_groups:
-                    group["foreach"] = True
-                opt.step = torch.compile(opt.step)
-        ema = ema_from_config(cfg)
+    # compiled_adam: the config's Adam without ``fused``, as foreach Adam with its step compiled.
+    ablations = ("unfused_adam",) if name == "compiled_adam" else ()
+    module, stream = build(config, 256, 3, "cpu", ablations, **overrides)
+    module.configure_model()
+    (critic_opt, actor_opt), _ = module.configure_optimizers()
+    if name == "compiled_adam":
+        for opt in (critic_opt, actor_opt):
+            for group in opt.param_groups:
+                group["foreach"] = True
+            opt.step = torch.compile(opt.step)
+    ema = ema_from_config(cfg)
+    for callback in ema:
+        callback.setup(None, module, "fit")  # type: ignore[arg-type]
+    start_in_steady_state(module, ema)
+    batches = iter(stream)
+
+    def step(backward: Callable[[Tensor], Any] = Tensor.backward) -> None:
+        module.update(next(batches), critic_opt, actor_opt, backward)
         for callback in ema:
-            callback.setup(None, module, "fit")  # type: ignore[arg-type]
-        start_in_steady_state(module, ema)
-        batches = iter(stream)
+            callback.on_train_batch_end(None, module, None, None, 0)  # type: ignore[arg-type]
 
-        def step(backward: Callable[[Tensor], Any] = Tensor.backward) -> None:
-            module.update(next(batches), critic_opt, actor_opt, backward)
-            for callback in ema:
-                callback.on_train_batch_end(None, module, None, None, 0)  # type: ignore[arg-type]
-
-        for _ in range(warmup):
-            step()
+    for _ in range(warmup):
+        step()
     return PlainLoop(module, critic_opt, actor_opt, step)
 
 
-def _worker(conn: Connection, config: Path, name: str, warmup: int, seed: int) -> None:
+def _worker(conn: Connection, config: Path, name: str, warmup: int) -> None:
     """One variant's process: build and warm up, say ready, then time each requested block of updates."""
     inductor_config.fx_graph_cache = False  # compile this process's own graphs (module docstring)
     inductor_config.autotune_local_cache = False
     torch._functorch.config.enable_autograd_cache = False
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     with variant(name):
         step = updater(config, name, warmup).step
         conn.send("ready")
@@ -199,7 +201,7 @@ def main() -> None:
     workers = []
     for name in names:  # one at a time: compiling is the heavy part
         parent, child = ctx.Pipe()
-        worker = ctx.Process(target=_worker, args=(child, args.config, name, args.warmup, 0), daemon=True)
+        worker = ctx.Process(target=_worker, args=(child, args.config, name, args.warmup), daemon=True)
         worker.start()
         if parent.recv() != "ready":
             raise RuntimeError(f"variant {name!r} failed to start")

@@ -43,7 +43,7 @@ def clip_grad_norms(groups: Mapping[str, Iterable[nn.Parameter]], max_norm: floa
 
     On the CPU, where reading the factor needs no device sync, a factor of exactly 1 skips the multiply
     (x · 1 = x, so the gradients are the same): the actor's 1.1M gradients are almost never clipped, and
-    multiplying them by 1 cost about 4% of an update (``benchmarks/NOTES.md``, sixth session).
+    multiplying them by 1 cost 2.5–4% of an update (``benchmarks/NOTES.md``, sixth session).
     """
     norms: dict[str, Tensor] = {}
     grads: list[Tensor] = []
