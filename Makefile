@@ -34,5 +34,6 @@ demo: install  ## the CPU demonstration end to end: collect, fit (<= 45 min), te
 		--ckpt_path runs/metaworld_cpu/demo/checkpoints/last.ckpt
 
 bench:  ## benchmarks (write JSON next to themselves)
+	$(PYTHON) benchmarks/matmul_peak.py
 	$(PYTHON) benchmarks/train_step.py
 	$(PYTHON) benchmarks/phases.py

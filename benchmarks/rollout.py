@@ -88,7 +88,7 @@ def main() -> None:
             agents.append(steps_per_s(policy, args.task, envs, args.num_envs, args.steps))
     envs.close()
     raw, agent = statistics.median(raws), statistics.median(agents)
-    peak = matmul_peak(torch.device("cpu"))
+    peak, peaks = matmul_peak(torch.device("cpu"))
     bound = (1 / raw) / (1 / raw + flops_per_step / peak)
     result = {
         "task": args.task,
@@ -106,6 +106,7 @@ def main() -> None:
         "ratio": agent / raw,
         "policy_mflop_per_env_step": flops_per_step / 1e6,
         "matmul_peak_gflops": peak / 1e9,
+        "matmul_peak_gflops_by_library": {library: p / 1e9 for library, p in peaks.items()},
         "ratio_bound": bound,
     }
     report(

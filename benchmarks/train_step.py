@@ -49,21 +49,44 @@ from llmdpd_pl.module import LLMDPDModule
 from llmdpd_pl.policy import PromptedPolicy
 
 
-def matmul_peak(
+def matmul_peaks(
     device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 20
-) -> float:
-    """Best FLOP/s of an n×n matmul in ``dtype`` on ``device``."""
+) -> dict[str, float]:
+    """Best FLOP/s of an n×n matmul in ``dtype`` on ``device``, per library PyTorch can run it with.
+
+    ``aten`` is ``a @ b``, the path the model's own matmuls take (MKL on x86 CPUs, cuBLAS on CUDA).
+    On CPU, ``onednn`` is oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the same arithmetic in
+    the same dtype). On this project's AMD EPYC machines MKL reaches about 185 GFLOP/s and oneDNN about
+    215 (``NOTES.md``, seventh session), so the machine's peak is the best of the two.
+    """
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    calls = {"aten": lambda: a @ b}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        b_t = b.t().contiguous()  # (out, in), the layout of a linear layer's weight
+        calls["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+        reference, tol = (a @ b).float(), 1e-4 if dtype == torch.float32 else 1e-2
+        error = ((calls["onednn"]().float() - reference).norm() / reference.norm()).item()
+        if not error < tol:  # a library that computed something else would not measure the same peak
+            raise RuntimeError(f"oneDNN's {dtype} matmul differs from ATen's: relative error {error:.2e}")
+    peaks = {}
+    for library, call in calls.items():
+        best = float("inf")
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        peaks[library] = 2 * n**3 / best
+    return peaks
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, dict[str, float]]:
+    """The machine's matmul peak (FLOP/s), the best of :func:`matmul_peaks`, and the per-library figures."""
+    peaks = matmul_peaks(device, dtype)
+    return max(peaks.values()), peaks
 
 
 class _Timer(L.Callback):
@@ -290,7 +313,7 @@ def main() -> None:
             rates.append(timed(args.ablate))
     # The roofline of a mixed-precision run is the matmul peak of its low-precision dtype.
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(args.precision.split("-")[0], torch.float32)
-    peak = matmul_peak(torch.device(args.device), dtype)
+    peak, peaks = matmul_peak(torch.device(args.device), dtype)
     ups = statistics.median(rates)
     result = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
@@ -310,6 +333,7 @@ def main() -> None:
         "gflop_per_update": flops / 1e9,
         "matmul_dtype": str(dtype).removeprefix("torch."),
         "matmul_peak_gflops": peak / 1e9,
+        "matmul_peak_gflops_by_library": {library: p / 1e9 for library, p in peaks.items()},
         "roofline_fraction": ups * flops / peak,
         "roofline_fraction_repeats": [r * flops / peak for r in rates],
     }
@@ -321,7 +345,8 @@ def main() -> None:
         )
     report(
         result,
-        f"updates/s {ups:.2f} | {flops / 1e9:.2f} GFLOP/update | peak {peak / 1e9:.0f} GFLOP/s | "
+        f"updates/s {ups:.2f} | {flops / 1e9:.2f} GFLOP/update | peak {peak / 1e9:.0f} GFLOP/s "
+        f"({', '.join(f'{lib} {p / 1e9:.0f}' for lib, p in peaks.items())}) | "
         f"roofline {100 * result['roofline_fraction']:.1f}% "
         f"(repeats {100 * min(result['roofline_fraction_repeats']):.1f}–"
         f"{100 * max(result['roofline_fraction_repeats']):.1f}%)",
