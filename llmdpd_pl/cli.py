@@ -7,9 +7,10 @@ datamodule, and linked into the model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
@@ -81,6 +82,17 @@ class LLMDPDCLI(LightningCLI):
         for attr in ("obs_dim", "act_dim", "text_embed_dim"):
             parser.link_arguments(f"data.{attr}", f"model.{attr}", apply_on="instantiate")
         parser.link_arguments("data.traj_prompt_len", "model.traj_prompt_len")
+        parser.add_argument(
+            "--float32_matmul_precision",
+            type=Literal["highest", "high", "medium"],
+            default="highest",
+            help="torch.set_float32_matmul_precision for the run: 'high' lets float32 matmuls use TF32 on "
+            "NVIDIA GPUs from Ampere on (several times faster, 10-bit mantissa inputs); 'medium' also "
+            "allows bf16 (on CPUs with bf16 units too). 'highest', the default, keeps full float32.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        torch.set_float32_matmul_precision(self._get(self.config, "float32_matmul_precision"))
 
     def after_test(self) -> None:
         """The results JSON's path is the last line ``llmdpd test`` prints."""

@@ -89,6 +89,22 @@ def test_collect_builds_datasets_and_embeddings_once(tmp_path: Path, model_data:
     assert {p: p.stat().st_mtime_ns for p in Path(spec.root).rglob("*") if p.is_file()} == stamps
 
 
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_float32_matmul_precision_is_set_for_the_run(
+    model_data: ModelData, tmp_path: Path, precision: str
+) -> None:
+    """The option reaches torch (TF32 on NVIDIA GPUs with ``high``) and the saved config."""
+    config = write_config(tmp_path / "input.yaml", model_data, tmp_path)
+    before = torch.get_float32_matmul_precision()
+    try:
+        main(["fit", "--config", str(config), "--trainer.max_steps", "2",
+              "--float32_matmul_precision", precision])
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert f"float32_matmul_precision: {precision}" in (tmp_path / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize(
     ("override", "names"),
     [
@@ -96,6 +112,7 @@ def test_collect_builds_datasets_and_embeddings_once(tmp_path: Path, model_data:
         (["--data.seen_tasks", "[box-clos]"], ["data.seen_tasks", "box-clos", "box-close"]),  # with a hint
         (["--model.tau", "2"], ["model.tau", "2"]),
         (["--data.batch_size", "0"], ["data.batch_size", "0"]),
+        (["--float32_matmul_precision", "tf32"], ["float32_matmul_precision", "tf32"]),
     ],
 )
 def test_bad_config_value_names_the_field(
