@@ -87,8 +87,9 @@ class LLMDPDCLI(LightningCLI):
             type=Literal["highest", "high", "medium"],
             default="highest",
             help="torch.set_float32_matmul_precision for the run: 'high' lets float32 matmuls use TF32 on "
-            "NVIDIA GPUs from Ampere on (several times faster, 10-bit mantissa inputs); 'medium' also "
-            "allows bf16 (on CPUs with bf16 units too). 'highest', the default, keeps full float32.",
+            "NVIDIA GPUs from Ampere on (several times faster, 10-bit mantissa inputs); 'medium' allows "
+            "lower precision still. 'highest', the default, keeps full float32. The frozen LLM always "
+            "runs at 'highest' (its embeddings are cached).",
         )
 
     def before_instantiate_classes(self) -> None:

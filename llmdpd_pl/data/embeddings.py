@@ -155,7 +155,19 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """Embed ``texts`` → (N, E) float32 on the CPU."""
+        """Embed ``texts`` → (N, E) float32 on the CPU.
+
+        The LLM runs at full float32 matmul precision whatever the run's ``--float32_matmul_precision``:
+        the vectors are cached, and a cache entry must not depend on a training-speed option.
+        """
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            return self._encode(texts)
+        finally:
+            torch.set_float32_matmul_precision(precision)
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), self.spec.batch_size):
             tokens = self.tokenizer(

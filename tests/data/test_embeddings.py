@@ -119,6 +119,21 @@ def test_encoder_batches_by_batch_size(llama: LLMSpec) -> None:
     torch.testing.assert_close(out[:4], out[4:], rtol=0, atol=PADDING_TOL)  # other batch, other padding
 
 
+def test_encoder_runs_at_full_float32_precision_and_restores_the_setting(llama: LLMSpec) -> None:
+    """Cached vectors must not depend on ``--float32_matmul_precision`` (TF32 on GPUs)."""
+    encoder = TextEncoder(llama)
+    seen: list[str] = []
+    encoder.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_float32_matmul_precision()))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        encoder.encode(list(TEXTS.values()))
+        assert seen == ["highest"]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 # ----------------------------------------------------------------------------------------------- cache
 def test_cache_hit_runs_no_llm_and_returns_the_same_vector(tmp_path: Path) -> None:
     spec = LLMSpec()
