@@ -37,3 +37,4 @@ bench:  ## benchmarks (write JSON next to themselves)
 	$(PYTHON) benchmarks/matmul_peak.py
 	$(PYTHON) benchmarks/train_step.py
 	$(PYTHON) benchmarks/phases.py
+	$(PYTHON) benchmarks/matmuls.py
