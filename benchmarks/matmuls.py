@@ -22,7 +22,7 @@ import torch
 from ab_blocks import updater, variant
 from report import report
 from torch.profiler import ProfilerActivity, profile
-from train_step import matmul_peak
+from train_step import matmul_peaks, peak_fields
 
 
 def matmul_flops(op: str, shapes: Sequence[Sequence[int]]) -> int:
@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("matmuls.json"))
     args = p.parse_args()
     torch.manual_seed(0)
-    before = matmul_peak(torch.device("cpu"))[1]  # the machine's speed drifts: the best of before and after
+    before = matmul_peaks(torch.device("cpu"))  # the machine's speed drifts: the best of before and after
     with variant("current"):
         step = updater(args.config, "current", args.warmup).step
         start = time.perf_counter()
@@ -69,9 +69,8 @@ def main() -> None:
     rows.sort(key=lambda r: -r["ms"])
     for r in rows:
         r["gflops"] = r["mflop"] / r["ms"] if r["ms"] else 0.0
-    after = matmul_peak(torch.device("cpu"))[1]
-    peaks = {library: max(before[library], after[library]) for library in before}
-    peak = max(peaks.values())
+    after = matmul_peaks(torch.device("cpu"))
+    peak, peak_json = peak_fields({library: max(before[library], after[library]) for library in before})
     ms, mflop = sum(r["ms"] for r in rows), sum(r["mflop"] for r in rows)
     result = {
         "config": str(args.config),
@@ -83,8 +82,7 @@ def main() -> None:
         "matmul_ms": ms,
         "matmul_gflop": mflop / 1e3,
         "matmul_gflops": mflop / ms,
-        "matmul_peak_gflops": peak / 1e9,
-        "matmul_peak_gflops_by_library": {library: p / 1e9 for library, p in peaks.items()},
+        **peak_json,
         "by_shape": rows,
     }
     lines = [f"{'op':8s} {'shapes':58s} {'calls':>6s} {'ms':>7s} {'MFLOP':>8s} {'GFLOP/s':>8s}"]

@@ -88,7 +88,7 @@ def main() -> None:
             agents.append(steps_per_s(policy, args.task, envs, args.num_envs, args.steps))
     envs.close()
     raw, agent = statistics.median(raws), statistics.median(agents)
-    peak, peaks = matmul_peak(torch.device("cpu"))
+    peak, peak_json = matmul_peak(torch.device("cpu"))
     bound = (1 / raw) / (1 / raw + flops_per_step / peak)
     result = {
         "task": args.task,
@@ -105,8 +105,7 @@ def main() -> None:
         "policy_env_steps_per_s_rounds": agents,
         "ratio": agent / raw,
         "policy_mflop_per_env_step": flops_per_step / 1e6,
-        "matmul_peak_gflops": peak / 1e9,
-        "matmul_peak_gflops_by_library": {library: p / 1e9 for library, p in peaks.items()},
+        **peak_json,
         "ratio_bound": bound,
     }
     report(

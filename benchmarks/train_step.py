@@ -84,10 +84,16 @@ def matmul_peaks(
     return peaks
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, dict[str, float]]:
-    """The machine's matmul peak (FLOP/s), the best of :func:`matmul_peaks`, and the per-library figures."""
-    peaks = matmul_peaks(device, dtype)
-    return max(peaks.values()), peaks
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, dict[str, Any]]:
+    """The machine's matmul peak (FLOP/s), the best of :func:`matmul_peaks`, and its JSON fields."""
+    return peak_fields(matmul_peaks(device, dtype))
+
+
+def peak_fields(peaks: dict[str, float]) -> tuple[float, dict[str, Any]]:
+    """The best of per-library peaks (FLOP/s), and the JSON fields every benchmark writes for them."""
+    peak = max(peaks.values())
+    gflops = {library: p / 1e9 for library, p in peaks.items()}
+    return peak, {"matmul_peak_gflops": peak / 1e9, "matmul_peak_gflops_by_library": gflops}
 
 
 class _Timer(L.Callback):
@@ -322,7 +328,7 @@ def main() -> None:
             rates.append(timed(args.ablate))
     # The roofline of a mixed-precision run is the matmul peak of its low-precision dtype.
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(args.precision.split("-")[0], torch.float32)
-    peak, peaks = matmul_peak(torch.device(args.device), dtype)
+    peak, peak_json = matmul_peak(torch.device(args.device), dtype)
     ups = statistics.median(rates)
     result = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
@@ -342,8 +348,7 @@ def main() -> None:
         "updates_per_s_repeats": rates,
         "gflop_per_update": flops / 1e9,
         "matmul_dtype": str(dtype).removeprefix("torch."),
-        "matmul_peak_gflops": peak / 1e9,
-        "matmul_peak_gflops_by_library": {library: p / 1e9 for library, p in peaks.items()},
+        **peak_json,
         "roofline_fraction": ups * flops / peak,
         "roofline_fraction_repeats": [r * flops / peak for r in rates],
     }
@@ -356,7 +361,7 @@ def main() -> None:
     report(
         result,
         f"updates/s {ups:.2f} | {flops / 1e9:.2f} GFLOP/update | peak {peak / 1e9:.0f} GFLOP/s "
-        f"({', '.join(f'{lib} {p / 1e9:.0f}' for lib, p in peaks.items())}) | "
+        f"({', '.join(f'{lib} {g:.0f}' for lib, g in peak_json['matmul_peak_gflops_by_library'].items())}) | "
         f"roofline {100 * result['roofline_fraction']:.1f}% "
         f"(repeats {100 * min(result['roofline_fraction_repeats']):.1f}–"
         f"{100 * max(result['roofline_fraction_repeats']):.1f}%)",
