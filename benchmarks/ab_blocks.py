@@ -24,7 +24,9 @@ the closed-form autograd.Function), ``compiled_adam`` (foreach Adam with ``torch
 add that fuses into them, as it does on GPUs, instead of ``addmm`` copying the bias into its output),
 ``no_size_asserts`` (inductor's ``size_asserts`` off), ``cpp_wrapper`` (inductor's C++ wrapper instead
 of Python), ``always_rescale`` (gradient clipping multiplies even by a factor of exactly 1, as before the
-sixth session, when it learned to skip that: ``NOTES.md``).
+sixth session, when it learned to skip that: ``NOTES.md``), ``unshared_context`` (the actor objective
+computes the denoiser's state-and-prompt context twice, for the chain and for Eq. 5's pass, as before the
+eighth session: ``train_step.py --ablate``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import yaml
 from report import report
 from torch import Tensor
 from torch._inductor.fx_passes import post_grad
-from train_step import build, ema_from_config, start_in_steady_state
+from train_step import ablated, build, ema_from_config, start_in_steady_state
 
 from llmdpd_pl import module as module_lib
 from llmdpd_pl import networks
@@ -58,6 +60,7 @@ VARIANTS = (
     "no_size_asserts",
     "cpp_wrapper",
     "always_rescale",
+    "unshared_context",
 )
 _EAGER_MISH = networks.mish
 _CLIP = module_lib.clip_grad_norms
@@ -121,6 +124,8 @@ def variant(name: str) -> Iterator[None]:
             stack.enter_context(inductor_config.patch(size_asserts=False))
         elif name == "cpp_wrapper":
             stack.enter_context(inductor_config.patch(cpp_wrapper=True))
+        elif name == "unshared_context":
+            stack.enter_context(ablated([name]))
         elif name not in ("current", "compiled_adam"):
             raise ValueError(f"unknown variant {name!r}")
         try:

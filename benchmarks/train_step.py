@@ -15,8 +15,10 @@ instead of copying the policy at every update.
 ``--ablate`` undoes one optimisation at a time, to measure what each is worth (``NOTES.md``); with
 ``--paired`` each repeat alternates with the all-on update in the same process, so that both see the same
 state of a shared machine, and the JSON holds both and their median paired ratio:
-``torch_mish`` (PyTorch's Mish kernel), ``per_step_context`` (the denoiser's state-and-prompt part of the
-first layer recomputed at every chain step), ``unfused_adam`` (``torch.optim.Adam`` without ``fused``),
+``torch_mish`` (PyTorch's Mish kernel), ``unshared_context`` (the denoiser's state-and-prompt part of
+the first layer computed once for the chain and again for Eq. 5's pass, instead of once for both),
+``per_step_context`` (the same part recomputed at every denoiser pass, each chain step included),
+``unfused_adam`` (``torch.optim.Adam`` without ``fused``),
 ``log_every_update`` (Lightning logging on every update), ``ema_every_update`` (the EMA actor's prompt
 embeddings recomputed at every update instead of after the EMA's writes only).
 """
@@ -126,17 +128,32 @@ def ema_from_config(cfg: dict[str, Any]) -> list[L.Callback]:
 @contextlib.contextmanager
 def ablated(ablations: Sequence[str]) -> Iterator[None]:
     """Undo optimisations (process-wide patches) inside the block, to measure each one's worth."""
-    saved = (networks.mish, PromptedPolicy.sample, LLMDPDModule.ema_prompt_embeddings)
+    saved = (
+        networks.mish,
+        PromptedPolicy.context,
+        PromptedPolicy.eps,
+        PromptedPolicy.sample_from_context,
+        LLMDPDModule.ema_prompt_embeddings,
+    )
     if "torch_mish" in ablations:
         networks.mish = torch.nn.functional.mish  # Mish modules look the function up at call time
-    if "per_step_context" in ablations:
+    if "unshared_context" in ablations or "per_step_context" in ablations:
+        # The "context" handed around is (obs, cond); each denoiser pass or each chain computes its own.
+        def context(self: PromptedPolicy, obs: Tensor, cond: Tensor) -> Any:
+            return obs, cond
 
-        def sample(self: PromptedPolicy, obs: Tensor, cond: Tensor, noise: Tensor) -> Tensor:
-            return self.diffusion.sample(
-                lambda a_k, k: self.denoiser(a_k, k, self.denoiser.context(obs, cond)), noise
-            )
+        def eps(self: PromptedPolicy, a_k: Tensor, k: Tensor, context: Any) -> Tensor:
+            return self.denoiser(a_k, k, self.denoiser.context(*context))
 
-        PromptedPolicy.sample = sample  # type: ignore[method-assign]
+        def sample_from_context(self: PromptedPolicy, context: Any, noise: Tensor) -> Tensor:
+            if "per_step_context" in ablations:
+                return self.diffusion.sample(lambda a_k, k: eps(self, a_k, k, context), noise)
+            once = self.denoiser.context(*context)
+            return self.diffusion.sample(lambda a_k, k: self.denoiser(a_k, k, once), noise)
+
+        PromptedPolicy.context = context  # type: ignore[method-assign]
+        PromptedPolicy.eps = eps  # type: ignore[method-assign]
+        PromptedPolicy.sample_from_context = sample_from_context  # type: ignore[method-assign]
     if "ema_every_update" in ablations:
 
         @torch.no_grad()
@@ -148,7 +165,13 @@ def ablated(ablations: Sequence[str]) -> Iterator[None]:
     try:
         yield
     finally:
-        networks.mish, PromptedPolicy.sample, LLMDPDModule.ema_prompt_embeddings = saved  # type: ignore[method-assign]
+        (
+            networks.mish,
+            PromptedPolicy.context,
+            PromptedPolicy.eps,
+            PromptedPolicy.sample_from_context,
+            LLMDPDModule.ema_prompt_embeddings,
+        ) = saved
 
 
 def build(
@@ -270,7 +293,14 @@ def main() -> None:
         "--ablate",
         nargs="*",
         default=[],
-        choices=["torch_mish", "per_step_context", "unfused_adam", "log_every_update", "ema_every_update"],
+        choices=[
+            "torch_mish",
+            "unshared_context",
+            "per_step_context",
+            "unfused_adam",
+            "log_every_update",
+            "ema_every_update",
+        ],
         help="undo these optimisations",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

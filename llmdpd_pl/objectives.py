@@ -127,8 +127,9 @@ def actor_objective(
         The losses, and the sampled a⁰ detached, (B, A).
     """
     cond = z[task_id]  # (B, C)
-    bc = diffusion_loss(policy.eps(a_k, k, obs, cond), eps)
-    a_new = policy.sample(obs, cond, chain_noise)  # (B, A), differentiable through the chain
+    context = policy.context(obs, cond)  # (B, H), shared by Eq. 5's pass and the chain's K steps
+    bc = diffusion_loss(policy.eps(a_k, k, context), eps)
+    a_new = policy.sample_from_context(context, chain_noise)  # (B, A), differentiable through the chain
     q1, q2 = critic(obs, a_new, cond.detach())
     q_term = torch.where(pick_first, actor_q_term(q1, q2), actor_q_term(q2, q1))
     return ActorLosses(actor_loss(bc, q_term, eta), bc, q_term), a_new.detach()

@@ -86,15 +86,26 @@ class PromptedPolicy(nn.Module):
             return text_embedding.new_zeros(text_embedding.shape[0], 0)
         return torch.cat(parts, dim=-1)  # (T, C)
 
-    def eps(self, a_k: Tensor, k: Tensor, obs: Tensor, cond: Tensor) -> Tensor:
-        """ε_θ(a^k, k, s, z): (B, A), (B,), (B, S), (B, C) → (B, A)."""
-        return self.denoiser(a_k, k, self.denoiser.context(obs, cond))
+    def context(self, obs: Tensor, cond: Tensor) -> Tensor:
+        """The denoiser's state-and-prompt part ``W_sz [s, z] + b``: (B, S), (B, C) → (B, H).
+
+        It depends on neither a^k nor k, so every denoiser pass on the same states and prompts shares it:
+        a chain's K steps, and Eq. 5's pass in the actor objective.
+        """
+        return self.denoiser.context(obs, cond)
+
+    def eps(self, a_k: Tensor, k: Tensor, context: Tensor) -> Tensor:
+        """ε_θ(a^k, k, s, z): (B, A), (B,), :meth:`context` (B, H) → (B, A)."""
+        return self.denoiser(a_k, k, context)
 
     def sample(self, obs: Tensor, cond: Tensor, noise: Tensor) -> Tensor:
         """a⁰ ~ π_θ(· | s, z) through the full reverse chain (Eq. 4): (B, S), (B, C) → (B, A).
 
         ``noise`` is the chain's randomness, ``self.diffusion.chain_noise((B, A), generator)``,
-        (K + 1, B, A). The denoiser's state-and-prompt context is computed once for the K steps.
+        (K + 1, B, A).
         """
-        context = self.denoiser.context(obs, cond)  # (B, H)
+        return self.sample_from_context(self.context(obs, cond), noise)
+
+    def sample_from_context(self, context: Tensor, noise: Tensor) -> Tensor:
+        """:meth:`sample` given the states' and prompts' :meth:`context` (B, H), shared by the K steps."""
         return self.diffusion.sample(lambda a_k, k: self.denoiser(a_k, k, context), noise)

@@ -1,0 +1,190 @@
+"""Tests for llmdpd_pl.objectives: the critic and actor objectives against row-by-row references.
+
+The objectives are pure functions of networks and tensors, so these tests build small real networks
+(``PromptedPolicy`` with both prompt encoders, ``TwinCritic``) and random inputs, and recompute each
+objective's result with the networks called one row (or one row's candidates) at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llmdpd_pl.losses import actor_q_term, diffusion_loss
+from llmdpd_pl.networks import TwinCritic
+from llmdpd_pl.objectives import actor_objective, critic_objective
+from llmdpd_pl.policy import PromptedPolicy
+
+# The same float32 computation on batches of different sizes (row-wise references): a few ulps.
+ROW_TOL = 1e-5
+
+B, S, A, E, L, T, K = 6, 5, 3, 8, 4, 2, 3
+GAMMA = 0.9
+
+
+def _nets(seed: int = 0) -> tuple[PromptedPolicy, TwinCritic, TwinCritic]:
+    torch.manual_seed(seed)
+    policy = PromptedPolicy(S, A, E, L, "both", 4, K, "vp", 32, 16, 1, 2)
+    critic = TwinCritic(S, A, policy.cond_dim, 32)
+    target = copy.deepcopy(critic).requires_grad_(False)
+    for p in target.parameters():  # a target that differs from the online critic
+        p.add_(0.1 * torch.randn_like(p))
+    return policy, critic, target
+
+
+def _z(policy: PromptedPolicy, gen: torch.Generator) -> Tensor:
+    """(T, C) prompt embeddings of random prompts, with their graph."""
+    return policy.encode_prompts(
+        torch.randn(T, E, generator=gen),
+        torch.randn(T, L, S, generator=gen),
+        torch.randn(T, L, A, generator=gen),
+    )
+
+
+def _cond(policy: PromptedPolicy, gen: torch.Generator) -> Tensor:
+    """(T, C) unit-scale embeddings: the encoders' outputs at initialisation are too small to matter."""
+    return torch.randn(T, policy.cond_dim, generator=gen)
+
+
+def _inputs(gen: torch.Generator) -> dict[str, Tensor]:
+    return {
+        "task_id": torch.randint(T, (B,), generator=gen),
+        "obs": torch.randn(B, S, generator=gen),
+        "action": torch.rand(B, A, generator=gen) * 2 - 1,
+        "reward": torch.randn(B, generator=gen),
+        "not_done": (torch.rand(B, generator=gen) > 0.3).float(),
+        "next_obs": torch.randn(B, S, generator=gen),
+    }
+
+
+@pytest.mark.parametrize("n_backup", [1, 3])
+def test_critic_objective_is_eq6_with_the_max_q_backup_per_row(n_backup: int) -> None:
+    """Row i's target: a' from chain-noise candidates i·n .. i·n + n − 1, each head's best of them (Eq. 6)."""
+    policy, critic, target = _nets()
+    ema = copy.deepcopy(policy).requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    z, ema_z, x = _cond(policy, gen), _cond(policy, gen), _inputs(gen)
+    noise = policy.diffusion.chain_noise((B * n_backup, A), gen)  # (K + 1, B·n, A)
+
+    losses = critic_objective(
+        critic,
+        target,
+        ema,
+        z,
+        ema_z,
+        x["task_id"],
+        x["obs"],
+        x["action"],
+        x["reward"],
+        x["not_done"],
+        x["next_obs"],
+        noise,
+        GAMMA,
+        n_backup,
+    )
+
+    with torch.no_grad():
+        y = torch.empty(B)
+        for i in range(B):
+            t = x["task_id"][i]
+            rows = slice(i * n_backup, (i + 1) * n_backup)
+            s_next = x["next_obs"][i].expand(n_backup, S)
+            a_next = ema.sample(s_next, ema_z[t].expand(n_backup, -1), noise[:, rows])  # (n, A)
+            q1n, q2n = target(s_next, a_next, z[t].expand(n_backup, -1))
+            y[i] = x["reward"][i] + GAMMA * x["not_done"][i] * torch.minimum(q1n.max(), q2n.max())
+    q1, q2 = critic(x["obs"], x["action"], z.detach()[x["task_id"]])
+    torch.testing.assert_close(losses.target_mean, y.mean(), atol=ROW_TOL, rtol=ROW_TOL)
+    torch.testing.assert_close(losses.loss, F.mse_loss(q1, y) + F.mse_loss(q2, y), atol=ROW_TOL, rtol=ROW_TOL)
+    torch.testing.assert_close(losses.q1_mean, q1.mean())
+    torch.testing.assert_close(losses.q2_mean, q2.mean())
+
+
+def test_critic_objective_trains_the_critic_only() -> None:
+    """The loss reaches every critic weight and nothing else: not z, the EMA actor or the target critic."""
+    policy, critic, target = _nets()
+    ema = copy.deepcopy(policy)  # left trainable: the objective itself must not build a graph into it
+    gen = torch.Generator().manual_seed(2)
+    z, ema_z, x = _z(policy, gen), _z(ema, gen), _inputs(gen)
+    noise = policy.diffusion.chain_noise((B, A), gen)
+    losses = critic_objective(
+        critic,
+        target,
+        ema,
+        z,
+        ema_z.detach(),
+        x["task_id"],
+        x["obs"],
+        x["action"],
+        x["reward"],
+        x["not_done"],
+        x["next_obs"],
+        noise,
+        GAMMA,
+        1,
+    )
+    losses.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.parameters())
+    assert all(p.grad is None for p in (*policy.parameters(), *ema.parameters(), *target.parameters()))
+
+
+@pytest.mark.parametrize("pick_first", [True, False])
+def test_actor_objective_is_eq8_with_the_drawn_head(pick_first: bool) -> None:
+    """BC term = Eq. 5 on the given a_k, k, ε; Q term = Eq. 7 of head 1 (pick_first) or head 2 on a⁰."""
+    policy, critic, _ = _nets()
+    critic.requires_grad_(False)
+    gen = torch.Generator().manual_seed(3)
+    z, x = _cond(policy, gen), _inputs(gen)
+    a_k, k, eps = policy.diffusion.loss_inputs(x["action"], gen)
+    chain = policy.diffusion.chain_noise((B, A), gen)
+    eta = 0.7
+
+    losses, a_new = actor_objective(
+        policy, critic, z, x["task_id"], x["obs"], a_k, k, eps, chain, eta, torch.tensor(pick_first)
+    )
+
+    with torch.no_grad():
+        cond = z[x["task_id"]]
+        bc = diffusion_loss(policy.denoiser(a_k, k, policy.denoiser.context(x["obs"], cond)), eps)
+        a0 = torch.cat(
+            [policy.sample(x["obs"][i : i + 1], cond[i : i + 1], chain[:, i : i + 1]) for i in range(B)]
+        )
+        q1, q2 = critic(x["obs"], a0, cond)
+        q_term = actor_q_term(q1, q2) if pick_first else actor_q_term(q2, q1)
+    torch.testing.assert_close(a_new, a0, atol=ROW_TOL, rtol=ROW_TOL)
+    torch.testing.assert_close(losses.bc_loss, bc, atol=ROW_TOL, rtol=ROW_TOL)
+    torch.testing.assert_close(losses.q_loss, q_term, atol=ROW_TOL, rtol=ROW_TOL)
+    torch.testing.assert_close(losses.loss, bc + eta * q_term, atol=ROW_TOL, rtol=ROW_TOL)
+    assert not a_new.requires_grad
+
+
+def test_actor_objective_trains_the_policy_and_prompt_encoders_not_the_critic() -> None:
+    """Both terms reach θ, and through z ψ and φ; the frozen critic gets no gradient."""
+    policy, critic, _ = _nets()
+    critic.requires_grad_(False)
+    gen = torch.Generator().manual_seed(4)
+    x = _inputs(gen)
+    a_k, k, eps = policy.diffusion.loss_inputs(x["action"], gen)
+    chain = policy.diffusion.chain_noise((B, A), gen)
+    for eta, bc_weight in ((0.0, 1.0), (1.0, 0.0)):  # each term on its own
+        policy.zero_grad(set_to_none=True)
+        losses, _ = actor_objective(
+            policy,
+            critic,
+            _z(policy, gen),
+            x["task_id"],
+            x["obs"],
+            a_k,
+            k,
+            eps,
+            chain,
+            eta,
+            torch.tensor(True),
+        )
+        (bc_weight * losses.bc_loss + eta * losses.q_loss).backward()
+        missing = [n for n, p in policy.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+        assert missing == [], f"eta={eta}: no gradient in {missing}"
+        assert all(p.grad is None for p in critic.parameters())
