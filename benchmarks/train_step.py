@@ -8,6 +8,10 @@ and its ``compile`` setting), with 3 tasks and batch 256, and the config's ``Act
 tensors of the real shapes (content does not change the cost), fed through the real ``BatchStream`` and a
 real ``Trainer``. Prints the figures and writes JSON next to this file.
 
+The matmul peak is measured after every repeat, and the roofline's denominator is the best of them: the
+shared machines this was developed on have slow spells in which the peak itself drops (to 111 GFLOP/s
+from about 215, eighth session), and a peak measured only then would inflate the fraction.
+
 The timed updates are in the EMA's steady state: the module's update counter starts at ``ActorEMA.start``,
 so the EMA averages every ``every`` updates, as in all but the first ``start`` (1000) updates of a run,
 instead of copying the policy at every update.
@@ -349,16 +353,19 @@ def main() -> None:
         )
         # Eager: compile does not change the FLOPs.
         flops = count_flops(module, stream, accelerator, args.precision, ema_from_config(cfg))
-    rates, reference = [], []
+    # The roofline of a mixed-precision run is the matmul peak of its low-precision dtype.
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(args.precision.split("-")[0], torch.float32)
+    rates, reference, peaks = [], [], []
     for repeat in range(args.repeats):
         if args.paired:  # alternate with the all-on update, in turn first, so both see the same machine
             for ablations in ((), args.ablate)[:: 1 if repeat % 2 == 0 else -1]:
                 (rates if ablations else reference).append(timed(ablations))
         else:
             rates.append(timed(args.ablate))
-    # The roofline of a mixed-precision run is the matmul peak of its low-precision dtype.
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(args.precision.split("-")[0], torch.float32)
-    peak, peak_json = matmul_peak(torch.device(args.device), dtype)
+        # After every repeat: the best over the run is the denominator, so a slow spell of the shared
+        # machine during one measurement of the peak cannot inflate the fraction.
+        peaks.append(matmul_peaks(torch.device(args.device), dtype))
+    peak, peak_json = peak_fields({lib: max(p[lib] for p in peaks) for lib in peaks[0]})
     ups = statistics.median(rates)
     result = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
@@ -379,6 +386,7 @@ def main() -> None:
         "gflop_per_update": flops / 1e9,
         "matmul_dtype": str(dtype).removeprefix("torch."),
         **peak_json,
+        "matmul_peak_gflops_repeats": [max(p.values()) / 1e9 for p in peaks],
         "roofline_fraction": ups * flops / peak,
         "roofline_fraction_repeats": [r * flops / peak for r in rates],
     }
@@ -391,7 +399,9 @@ def main() -> None:
     report(
         result,
         f"updates/s {ups:.2f} | {flops / 1e9:.2f} GFLOP/update | peak {peak / 1e9:.0f} GFLOP/s "
-        f"({', '.join(f'{lib} {g:.0f}' for lib, g in peak_json['matmul_peak_gflops_by_library'].items())}) | "
+        f"({', '.join(f'{lib} {g:.0f}' for lib, g in peak_json['matmul_peak_gflops_by_library'].items())}; "
+        f"after each repeat {min(result['matmul_peak_gflops_repeats']):.0f}–"
+        f"{max(result['matmul_peak_gflops_repeats']):.0f}) | "
         f"roofline {100 * result['roofline_fraction']:.1f}% "
         f"(repeats {100 * min(result['roofline_fraction_repeats']):.1f}–"
         f"{100 * max(result['roofline_fraction_repeats']):.1f}%)",
