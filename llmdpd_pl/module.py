@@ -66,11 +66,13 @@ def scored_candidates(
     """n candidate actions per state from the policy's reverse chain, and min(Q1, Q2) of each.
 
     (N, S), (N, C), (N, C), chain noise (K + 1, N·n, A) → candidates (N·n, A), Q (N, n); row i·n + j is
-    candidate j of state i. A pure function of its inputs, so ``compile`` captures it whole.
+    candidate j of state i. A pure function of its inputs, so ``compile`` captures it whole. The
+    denoiser's context is computed once per state and shared by its n candidates.
     """
     n = noise.shape[1] // obs.shape[0]
     obs_r = obs.repeat_interleave(n, 0)  # (N·n, S)
-    cand = policy.sample(obs_r, cond.repeat_interleave(n, 0), noise)  # (N·n, A)
+    context = policy.context(obs, cond).repeat_interleave(n, 0)  # (N·n, H)
+    cand = policy.sample_from_context(context, noise)  # (N·n, A)
     q = critic.q_min(obs_r, cand, critic_cond.repeat_interleave(n, 0))  # (N·n,)
     return cand, q.view(-1, n)
 

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from llmdpd_pl.callbacks.ema import ActorEMA
 from llmdpd_pl.data.datamodule import Batch, BatchStream
-from llmdpd_pl.module import LLMDPDModule, clip_grad_norms
+from llmdpd_pl.module import LLMDPDModule, clip_grad_norms, scored_candidates
+from llmdpd_pl.networks import TwinCritic
 from llmdpd_pl.objectives import actor_objective
 from llmdpd_pl.policy import PromptedPolicy
 from tests.model_fixtures import (
@@ -309,6 +310,26 @@ def test_act_shape_bounds_and_reproducibility(model_data: ModelData, selection: 
     assert a1.abs().max() <= 1.0
     assert torch.equal(a1, a2)
     assert not torch.equal(a1, a3)
+
+
+def test_scored_candidates_are_n_chains_per_state_and_their_clipped_double_q() -> None:
+    """Row i·n + j is candidate j of state i, drawn with chain noise column i·n + j; Q is min(Q1, Q2)."""
+    torch.manual_seed(0)
+    N, n, S, A = 4, 3, 5, 2
+    policy = PromptedPolicy(S, A, 8, 3, "both", 4, 3, "vp", 32, 16, 1, 2)
+    critic = TwinCritic(S, A, policy.cond_dim, 32)
+    gen = torch.Generator().manual_seed(1)
+    obs, cond, critic_cond = (torch.randn(N, d, generator=gen) for d in (S, policy.cond_dim, policy.cond_dim))
+    noise = policy.diffusion.chain_noise((N * n, A), gen)
+    with torch.no_grad():
+        cand, q = scored_candidates(policy, critic, obs, cond, critic_cond, noise)
+        for i in range(N):
+            rows = slice(i * n, (i + 1) * n)
+            s, c = obs[i].expand(n, S), cond[i].expand(n, -1)
+            want = policy.sample(s, c, noise[:, rows])  # (n, A)
+            torch.testing.assert_close(cand[rows], want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(q[i], critic.q_min(s, want, critic_cond[i].expand(n, -1)))
+    assert cand.shape == (N * n, A) and q.shape == (N, n)
 
 
 def test_act_uses_ema_policy(model_data: ModelData, tmp_path: Path) -> None:
