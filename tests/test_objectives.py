@@ -51,6 +51,7 @@ def _cond(policy: PromptedPolicy, gen: torch.Generator) -> Tensor:
 
 
 def _inputs(gen: torch.Generator) -> dict[str, Tensor]:
+    """A batch, keyed by the objectives' argument names."""
     return {
         "task_id": torch.randint(T, (B,), generator=gen),
         "obs": torch.randn(B, S, generator=gen),
@@ -71,20 +72,7 @@ def test_critic_objective_is_eq6_with_the_max_q_backup_per_row(n_backup: int) ->
     noise = policy.diffusion.chain_noise((B * n_backup, A), gen)  # (K + 1, B·n, A)
 
     losses = critic_objective(
-        critic,
-        target,
-        ema,
-        z,
-        ema_z,
-        x["task_id"],
-        x["obs"],
-        x["action"],
-        x["reward"],
-        x["not_done"],
-        x["next_obs"],
-        noise,
-        GAMMA,
-        n_backup,
+        critic, target, ema, z, ema_z, **x, target_noise=noise, gamma=GAMMA, n_backup=n_backup
     )
 
     with torch.no_grad():
@@ -111,20 +99,7 @@ def test_critic_objective_trains_the_critic_only() -> None:
     z, ema_z, x = _z(policy, gen), _z(ema, gen), _inputs(gen)
     noise = policy.diffusion.chain_noise((B, A), gen)
     losses = critic_objective(
-        critic,
-        target,
-        ema,
-        z,
-        ema_z.detach(),
-        x["task_id"],
-        x["obs"],
-        x["action"],
-        x["reward"],
-        x["not_done"],
-        x["next_obs"],
-        noise,
-        GAMMA,
-        1,
+        critic, target, ema, z, ema_z.detach(), **x, target_noise=noise, gamma=GAMMA, n_backup=1
     )
     losses.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.parameters())
