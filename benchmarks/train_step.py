@@ -8,9 +8,8 @@ and its ``compile`` setting), with 3 tasks and batch 256, and the config's ``Act
 tensors of the real shapes (content does not change the cost), fed through the real ``BatchStream`` and a
 real ``Trainer``. Prints the figures and writes JSON next to this file.
 
-The matmul peak is measured after every repeat, and the roofline's denominator is the best of them: the
-shared machines this was developed on have slow spells in which the peak itself drops (to 111 GFLOP/s
-from about 215, eighth session), and a peak measured only then would inflate the fraction.
+The matmul peak is measured after every repeat, and the roofline's denominator is the best of them
+(:func:`peak_fields` says why).
 
 The timed updates are in the EMA's steady state: the module's update counter starts at ``ActorEMA.start``,
 so the EMA averages every ``every`` updates, as in all but the first ``start`` (1000) updates of a run,
@@ -90,13 +89,15 @@ def matmul_peaks(
     return peaks
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, dict[str, Any]]:
-    """The machine's matmul peak (FLOP/s), the best of :func:`matmul_peaks`, and its JSON fields."""
-    return peak_fields(matmul_peaks(device, dtype))
+def peak_fields(*measurements: dict[str, float]) -> tuple[float, dict[str, Any]]:
+    """The machine's peak (FLOP/s) from one or more :func:`matmul_peaks`, and the JSON fields every
+    benchmark writes for it: each library's best over the measurements, and the best of those.
 
-
-def peak_fields(peaks: dict[str, float]) -> tuple[float, dict[str, Any]]:
-    """The best of per-library peaks (FLOP/s), and the JSON fields every benchmark writes for them."""
+    The shared machines this was developed on have slow spells in which the peak itself drops (to
+    111 GFLOP/s from about 215, ``NOTES.md``, eighth session). A benchmark therefore measures it more than
+    once, around what it times, so that a slow spell during one measurement cannot inflate a fraction.
+    """
+    peaks = {library: max(m[library] for m in measurements) for library in measurements[0]}
     peak = max(peaks.values())
     gflops = {library: p / 1e9 for library, p in peaks.items()}
     return peak, {"matmul_peak_gflops": peak / 1e9, "matmul_peak_gflops_by_library": gflops}
@@ -362,10 +363,8 @@ def main() -> None:
                 (rates if ablations else reference).append(timed(ablations))
         else:
             rates.append(timed(args.ablate))
-        # After every repeat: the best over the run is the denominator, so a slow spell of the shared
-        # machine during one measurement of the peak cannot inflate the fraction.
         peaks.append(matmul_peaks(torch.device(args.device), dtype))
-    peak, peak_json = peak_fields({lib: max(p[lib] for p in peaks) for lib in peaks[0]})
+    peak, peak_json = peak_fields(*peaks)
     ups = statistics.median(rates)
     result = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
