@@ -31,7 +31,7 @@ from llmdpd_pl.data.collect import derive_seed
 from llmdpd_pl.data.datamodule import Batch
 from llmdpd_pl.losses import ActorLosses, CriticLosses
 from llmdpd_pl.networks import TwinCritic
-from llmdpd_pl.objectives import actor_objective, critic_objective
+from llmdpd_pl.objectives import actor_objective, critic_objective, scored_candidates
 from llmdpd_pl.policy import PromptedPolicy, PromptMode
 
 
@@ -58,23 +58,6 @@ def clip_grad_norms(groups: Mapping[str, Iterable[nn.Parameter]], max_norm: floa
         if scale.device.type != "cpu" or scale.item() != 1.0:  # NaN != 1: a NaN total still spreads
             torch._foreach_mul_(grads, scale)
     return {**norms, "total": total}
-
-
-def scored_candidates(
-    policy: PromptedPolicy, critic: TwinCritic, obs: Tensor, cond: Tensor, critic_cond: Tensor, noise: Tensor
-) -> tuple[Tensor, Tensor]:
-    """n candidate actions per state from the policy's reverse chain, and min(Q1, Q2) of each.
-
-    (N, S), (N, C), (N, C), chain noise (K + 1, N·n, A) → candidates (N·n, A), Q (N, n); row i·n + j is
-    candidate j of state i. A pure function of its inputs, so ``compile`` captures it whole. The
-    denoiser's context is computed once per state and shared by its n candidates.
-    """
-    n = noise.shape[1] // obs.shape[0]
-    obs_r = obs.repeat_interleave(n, 0)  # (N·n, S)
-    context = policy.context(obs, cond).repeat_interleave(n, 0)  # (N·n, H)
-    cand = policy.sample_from_context(context, noise)  # (N·n, A)
-    q = critic.q_min(obs_r, cand, critic_cond.repeat_interleave(n, 0))  # (N·n,)
-    return cand, q.view(-1, n)
 
 
 class UpdateStats(NamedTuple):
@@ -314,7 +297,6 @@ class LLMDPDModule(L.LightningModule):
             next_obs,
             noise,
             self.hparams["gamma"],
-            n,
         )
 
     def actor_losses(
@@ -470,9 +452,10 @@ class LLMDPDModule(L.LightningModule):
             return self._sample(self.ema_policy, obs_n, cond, noise)
         n = self.hparams["n_action_candidates"]
         noise = diffusion.chain_noise((len(obs) * n, act_dim), generator, obs.device)
-        cand, q = self._scored_candidates(
+        cand, q1, q2 = self._scored_candidates(
             self.ema_policy, self.critic_target, obs_n, cond, critic_cond, noise
-        )  # (N·n, A), (N, n)
+        )  # (N·n, A), (N, n), (N, n)
+        q = torch.minimum(q1, q2)  # (N, n)
         pick = torch.multinomial(torch.softmax(q, dim=1), 1, generator=generator).squeeze(1)  # (N,)
         return cand.view(-1, n, cand.shape[-1])[torch.arange(len(pick), device=pick.device), pick]
 

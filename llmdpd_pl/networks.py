@@ -263,6 +263,11 @@ class TwinCritic(nn.Module):
     holds a (2, out, in) weight and runs both heads in one ``baddbmm``. ``layers[l].weight[h]`` is
     the ``nn.Linear`` weight of head h.
 
+    Scoring many actions at the same states and prompts (action candidates, the max-Q backup), the first
+    layer splits as ``W [s, a, z] + b = W_a a + (W_sz [s, z] + b)``: :meth:`context` computes the
+    state-and-prompt part once per state and :meth:`from_context` the rest per action. Same weights and
+    same function as :meth:`forward`, which keeps the single matmul for one action per state.
+
     Args:
         obs_dim: state dimension S.
         act_dim: action dimension A.
@@ -303,16 +308,44 @@ class TwinCritic(nn.Module):
         _check_last_dim("act", act, self.act_dim)
         cond = _conditioning(cond, obs, self.cond_dim)
         x = torch.cat([obs, act, cond], dim=-1)  # (B, S + A + C)
-        h = x.unsqueeze(0).expand(self.n_heads, *x.shape)  # (2, B, S + A + C)
-        for layer in self.layers[:-1]:
-            h = self.activation(layer(h))  # (2, B, hidden)
-        q = self.layers[-1](h).squeeze(-1)  # (2, B)
-        return q[0], q[1]
+        return self._heads(self.layers[0](x.unsqueeze(0).expand(self.n_heads, *x.shape)))
 
-    def q_min(self, obs: Tensor, act: Tensor, cond: Tensor | None = None) -> Tensor:
-        """``min(Q1, Q2)``, (B,): the clipped double-Q value (target and action selection)."""
-        q1, q2 = self(obs, act, cond)
-        return torch.minimum(q1, q2)
+    @property
+    def first_layer(self) -> StackedLinear:
+        """Both heads' ``Linear(S + A + C, hidden_dim)`` on ``concat(s, a, z)``."""
+        return cast(StackedLinear, self.layers[0])
+
+    def context(self, obs: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Both heads' first-layer state-and-prompt part ``W_sz [s, z] + b``: (B, S), (B, C) → (2, B, H).
+
+        ``cond`` is ``None`` or (B, 0) when ``cond_dim == 0``.
+        """
+        _check_last_dim("obs", obs, self.obs_dim)
+        cond = _conditioning(cond, obs, self.cond_dim)
+        w, s = self.first_layer.weight, self.obs_dim  # (2, H, S + A + C)
+        w_sz = torch.cat([w[..., :s], w[..., s + self.act_dim :]], dim=-1)  # (2, H, S + C)
+        x = torch.cat([obs, cond], dim=-1)  # (B, S + C)
+        x = x.unsqueeze(0).expand(self.n_heads, *x.shape)  # (2, B, S + C)
+        return torch.baddbmm(self.first_layer.bias, x, w_sz.transpose(1, 2))
+
+    def from_context(self, act: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Both heads' values at actions (B, A), given their states' :meth:`context` (2, B, H).
+
+        Returns:
+            ``(q1 (B,), q2 (B,))``.
+        """
+        _check_last_dim("act", act, self.act_dim)
+        _check_last_dim("context", context, self.first_layer.out_dim)
+        w_a = self.first_layer.weight[..., self.obs_dim : self.obs_dim + self.act_dim]  # (2, H, A)
+        a = act.unsqueeze(0).expand(self.n_heads, *act.shape)  # (2, B, A)
+        return self._heads(torch.baddbmm(context, a, w_a.transpose(1, 2)))
+
+    def _heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The layers after the first, from its pre-activation (2, B, H): (q1 (B,), q2 (B,))."""
+        for layer in self.layers[1:]:
+            h = layer(self.activation(h))  # (2, B, hidden), then (2, B, 1)
+        q = h.squeeze(-1)  # (2, B)
+        return q[0], q[1]
 
 
 class TextHead(nn.Module):

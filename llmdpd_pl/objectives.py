@@ -36,6 +36,23 @@ Prompts = tuple[Tensor, Tensor, Tensor]
 """(text embeddings (T, E), normalised trajectory states (T, L, S), trajectory actions (T, L, A))."""
 
 
+def scored_candidates(
+    policy: PromptedPolicy, critic: TwinCritic, obs: Tensor, cond: Tensor, critic_cond: Tensor, noise: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """n actions per state from the policy's reverse chain, and both critic heads' values of each.
+
+    (N, S), (N, C), (N, C), chain noise (K + 1, N·n, A) → candidates (N·n, A), Q1 and Q2 (N, n) each;
+    row i·n + j is candidate j of state i. The denoiser's and the critics' state-and-prompt parts
+    (``PromptedPolicy.context``, ``TwinCritic.context``) are computed once per state and shared by its
+    n candidates. Used by acting (``q_softmax``) and by the max-Q backup.
+    """
+    n = noise.shape[1] // obs.shape[0]
+    context = policy.context(obs, cond).repeat_interleave(n, 0)  # (N·n, H)
+    cand = policy.sample_from_context(context, noise)  # (N·n, A)
+    q1, q2 = critic.from_context(cand, critic.context(obs, critic_cond).repeat_interleave(n, 1))  # (N·n,)
+    return cand, q1.view(-1, n), q2.view(-1, n)
+
+
 def critic_objective(
     critic: TwinCritic,
     critic_target: TwinCritic,
@@ -50,7 +67,6 @@ def critic_objective(
     next_obs: Tensor,
     target_noise: Tensor,
     gamma: float,
-    n_backup: int,
 ) -> CriticLosses:
     """Eq. 6 with a' ~ π_EMA(· | s', z_EMA) from the EMA actor's full reverse chain (Diffusion-QL).
 
@@ -71,21 +87,17 @@ def critic_objective(
         reward: r, (B,).
         not_done: 1 − terminal, (B,).
         next_obs: normalised s', (B, S).
-        target_noise: chain noise of a', (K + 1, B·n, A).
+        target_noise: chain noise of the n next actions per row, (K + 1, B·n, A): n > 1 is the max-Q
+            backup (``max_q_backup``), n = 1 takes the single a'.
         gamma: discount γ.
-        n_backup: candidates of the max-Q backup (``max_q_backup``); 1 takes the single a'.
 
     Returns:
         The critic loss (to backpropagate) and its statistics.
     """
     with torch.no_grad():
         cond = z.detach()[task_id]  # (B, C)
-        ema_cond = ema_z[task_id]  # (B, C)
-        next_rep, ema_rep, cond_rep = (x.repeat_interleave(n_backup, 0) for x in (next_obs, ema_cond, cond))
-        a_next = ema.sample(next_rep, ema_rep, target_noise)  # (B·n, A)
-        q1n, q2n = critic_target(next_rep, a_next, cond_rep)  # (B·n,) each
-        q1n, q2n = max_q_backup(q1n.view(-1, n_backup)), max_q_backup(q2n.view(-1, n_backup))  # (B,)
-        target = td_target(reward, not_done, q1n, q2n, gamma)  # (B,)
+        _, q1n, q2n = scored_candidates(ema, critic_target, next_obs, ema_z[task_id], cond, target_noise)
+        target = td_target(reward, not_done, max_q_backup(q1n), max_q_backup(q2n), gamma)  # (B,)
     q1, q2 = critic(obs, action, cond)
     return CriticLosses(critic_loss(q1, q2, target), q1.detach().mean(), q2.detach().mean(), target.mean())
 
@@ -135,4 +147,4 @@ def actor_objective(
     return ActorLosses(actor_loss(bc, q_term, eta), bc, q_term), a_new.detach()
 
 
-__all__ = ["Prompts", "actor_objective", "critic_objective"]
+__all__ = ["Prompts", "actor_objective", "critic_objective", "scored_candidates"]

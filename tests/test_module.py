@@ -21,9 +21,8 @@ from torch import Tensor, nn
 
 from llmdpd_pl.callbacks.ema import ActorEMA
 from llmdpd_pl.data.datamodule import Batch, BatchStream
-from llmdpd_pl.module import LLMDPDModule, clip_grad_norms, scored_candidates
-from llmdpd_pl.networks import TwinCritic
-from llmdpd_pl.objectives import actor_objective
+from llmdpd_pl.module import LLMDPDModule, clip_grad_norms
+from llmdpd_pl.objectives import actor_objective, scored_candidates
 from llmdpd_pl.policy import PromptedPolicy
 from tests.model_fixtures import (
     ModelData,
@@ -312,24 +311,42 @@ def test_act_shape_bounds_and_reproducibility(model_data: ModelData, selection: 
     assert not torch.equal(a1, a3)
 
 
-def test_scored_candidates_are_n_chains_per_state_and_their_clipped_double_q() -> None:
-    """Row i·n + j is candidate j of state i, drawn with chain noise column i·n + j; Q is min(Q1, Q2)."""
+def test_q_softmax_picks_the_candidate_of_highest_clipped_double_q(model_data: ModelData) -> None:
+    """With Q scaled up, softmax(min(Q1', Q2')) is one-hot: each state's pick is its best candidate.
+
+    Near-ties (candidates clipped to the same bound, say) may go either way, so the test requires the
+    picked candidate's min-Q to be within 10 (a softmax odds of e^-10) of the best, where the candidates'
+    values spread over thousands.
+    """
     torch.manual_seed(0)
-    N, n, S, A = 4, 3, 5, 2
-    policy = PromptedPolicy(S, A, 8, 3, "both", 4, 3, "vp", 32, 16, 1, 2)
-    critic = TwinCritic(S, A, policy.cond_dim, 32)
-    gen = torch.Generator().manual_seed(1)
-    obs, cond, critic_cond = (torch.randn(N, d, generator=gen) for d in (S, policy.cond_dim, policy.cond_dim))
-    noise = policy.diffusion.chain_noise((N * n, A), gen)
-    with torch.no_grad():
-        cand, q = scored_candidates(policy, critic, obs, cond, critic_cond, noise)
-        for i in range(N):
-            rows = slice(i * n, (i + 1) * n)
-            s, c = obs[i].expand(n, S), cond[i].expand(n, -1)
-            want = policy.sample(s, c, noise[:, rows])  # (n, A)
-            torch.testing.assert_close(cand[rows], want, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(q[i], critic.q_min(s, want, critic_cond[i].expand(n, -1)))
-    assert cand.shape == (N * n, A) and q.shape == (N, n)
+    module, dm = context_module(model_data, action_selection="q_softmax", n_action_candidates=8)
+    assert dm.transitions is not None
+    obs, tasks = dm.transitions.obs[:12], torch.tensor([0, 1, 2] * 4)  # (N, S) raw, (N,)
+    cond, critic_cond = (c[tasks] for c in module.task_conditioning(torch.arange(3)))
+
+    def candidates() -> tuple[Tensor, Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        noise = module.ema_policy.diffusion.chain_noise((12 * 8, dm.act_dim), gen)  # act's first draw
+        return scored_candidates(
+            module.ema_policy, module.critic_target, module.context.normalize(obs), cond, critic_cond, noise
+        )  # (N·8, A), (N, 8), (N, 8)
+
+    with torch.no_grad():  # centre each head on these candidates, then scale: the heads' orders cross
+        _, q1, q2 = candidates()
+        last = module.critic_target.layers[-1]
+        last.bias.sub_(torch.stack([q1.mean(), q2.mean()]).view(2, 1, 1)).mul_(1e6)
+        last.weight.mul_(1e6)
+        cand, q1, q2 = candidates()
+    q = torch.minimum(q1, q2)  # (N, 8)
+    best = q.argmax(dim=1)  # (N,)
+    assert not torch.equal(best, q1.argmax(dim=1)) and not torch.equal(best, q2.argmax(dim=1))
+    assert (q.amax(dim=1) - q.amin(dim=1)).min() > 1000
+
+    picked = module.act_conditioned(obs, cond, critic_cond, torch.Generator().manual_seed(0))  # (N, A)
+    same = (cand.view(12, 8, -1) - picked[:, None]).abs().amax(dim=-1) < 1e-6  # (N, 8): the picked candidate
+    assert same.any(dim=1).all()
+    q_picked = q.masked_fill(~same, -torch.inf).amax(dim=1)  # (N,)
+    assert (q_picked >= q.amax(dim=1) - 10).all()
 
 
 def test_act_uses_ema_policy(model_data: ModelData, tmp_path: Path) -> None:

@@ -124,7 +124,29 @@ def test_twin_critic_shapes_and_independent_heads() -> None:
     q1, q2 = critic(obs, act, cond)
     assert q1.shape == (B,) and q2.shape == (B,)
     assert not torch.allclose(q1, q2)  # independently initialised heads
-    torch.testing.assert_close(critic.q_min(obs, act, cond), torch.minimum(q1, q2), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cond_dim", [C, 0])
+def test_twin_critic_split_first_layer_equals_forward(cond_dim: int) -> None:
+    """W_a a + (W_sz [s, z] + b) is each head's single Linear on concat(s, a, z), with its gradients."""
+    torch.manual_seed(0)
+    critic = TwinCritic(S, A, cond_dim, hidden_dim=32)
+    obs, act, cond = torch.randn(B, S), torch.randn(B, A), torch.randn(B, cond_dim)
+    context = critic.context(obs, cond)
+    assert context.shape == (2, B, 32)
+    split, whole = critic.from_context(act, context), critic(obs, act, cond)
+    for q_split, q_whole in zip(split, whole, strict=True):
+        torch.testing.assert_close(q_split, q_whole, atol=KERNEL_TOL, rtol=KERNEL_TOL)
+    w = torch.randn(2, B)
+    grads = [
+        torch.autograd.grad((w[0] * q1 + w[1] * q2).sum(), critic.parameters()) for q1, q2 in (split, whole)
+    ]
+    for g_split, g_whole in zip(*grads, strict=True):
+        torch.testing.assert_close(g_split, g_whole, atol=KERNEL_TOL, rtol=KERNEL_TOL)
+    with pytest.raises(ValueError, match="context"):
+        critic.from_context(act, torch.randn(2, B, 31))
+    with pytest.raises(ValueError, match="act"):
+        critic.from_context(torch.randn(B, A + 1), context)
 
 
 def test_twin_critic_matches_per_head_reference() -> None:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from llmdpd_pl.losses import actor_q_term, diffusion_loss
 from llmdpd_pl.networks import TwinCritic
-from llmdpd_pl.objectives import actor_objective, critic_objective
+from llmdpd_pl.objectives import actor_objective, critic_objective, scored_candidates
 from llmdpd_pl.policy import PromptedPolicy
 
 # The same float32 computation on batches of different sizes (row-wise references): a few ulps.
@@ -62,6 +62,26 @@ def _inputs(gen: torch.Generator) -> dict[str, Tensor]:
     }
 
 
+def test_scored_candidates_are_n_chains_per_state_and_both_heads_values() -> None:
+    """Row i·n + j is candidate j of state i, drawn with chain noise column i·n + j; Q1, Q2 are its values."""
+    policy, critic, _ = _nets()
+    N, n = 4, 3
+    gen = torch.Generator().manual_seed(1)
+    obs, cond, critic_cond = (torch.randn(N, d, generator=gen) for d in (S, policy.cond_dim, policy.cond_dim))
+    noise = policy.diffusion.chain_noise((N * n, A), gen)
+    with torch.no_grad():
+        cand, q1, q2 = scored_candidates(policy, critic, obs, cond, critic_cond, noise)
+        for i in range(N):
+            rows = slice(i * n, (i + 1) * n)
+            s, c = obs[i].expand(n, S), cond[i].expand(n, -1)
+            want = policy.sample(s, c, noise[:, rows])  # (n, A)
+            torch.testing.assert_close(cand[rows], want, atol=ROW_TOL, rtol=ROW_TOL)
+            want_q1, want_q2 = critic(s, want, critic_cond[i].expand(n, -1))
+            torch.testing.assert_close(q1[i], want_q1, atol=ROW_TOL, rtol=ROW_TOL)
+            torch.testing.assert_close(q2[i], want_q2, atol=ROW_TOL, rtol=ROW_TOL)
+    assert cand.shape == (N * n, A) and q1.shape == q2.shape == (N, n)
+
+
 @pytest.mark.parametrize("n_backup", [1, 3])
 def test_critic_objective_is_eq6_with_the_max_q_backup_per_row(n_backup: int) -> None:
     """Row i's target: a' from chain-noise candidates i·n .. i·n + n − 1, each head's best of them (Eq. 6)."""
@@ -71,9 +91,7 @@ def test_critic_objective_is_eq6_with_the_max_q_backup_per_row(n_backup: int) ->
     z, ema_z, x = _cond(policy, gen), _cond(policy, gen), _inputs(gen)
     noise = policy.diffusion.chain_noise((B * n_backup, A), gen)  # (K + 1, B·n, A)
 
-    losses = critic_objective(
-        critic, target, ema, z, ema_z, **x, target_noise=noise, gamma=GAMMA, n_backup=n_backup
-    )
+    losses = critic_objective(critic, target, ema, z, ema_z, **x, target_noise=noise, gamma=GAMMA)
 
     with torch.no_grad():
         y = torch.empty(B)
@@ -98,9 +116,7 @@ def test_critic_objective_trains_the_critic_only() -> None:
     gen = torch.Generator().manual_seed(2)
     z, ema_z, x = _z(policy, gen), _z(ema, gen), _inputs(gen)
     noise = policy.diffusion.chain_noise((B, A), gen)
-    losses = critic_objective(
-        critic, target, ema, z, ema_z.detach(), **x, target_noise=noise, gamma=GAMMA, n_backup=1
-    )
+    losses = critic_objective(critic, target, ema, z, ema_z.detach(), **x, target_noise=noise, gamma=GAMMA)
     losses.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.parameters())
     assert all(p.grad is None for p in (*policy.parameters(), *ema.parameters(), *target.parameters()))
