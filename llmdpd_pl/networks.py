@@ -338,7 +338,9 @@ class TwinCritic(nn.Module):
         _check_last_dim("context", context, self.first_layer.out_dim)
         w_a = self.first_layer.weight[..., self.obs_dim : self.obs_dim + self.act_dim]  # (2, H, A)
         a = act.unsqueeze(0).expand(self.n_heads, *act.shape)  # (2, B, A)
-        return self._heads(torch.baddbmm(context, a, w_a.transpose(1, 2)))
+        # A product and an add, not baddbmm: compiled, the add (and a repeat of the context that feeds
+        # it) fuses into the activation's kernel instead of being written out (benchmarks/NOTES.md).
+        return self._heads(torch.bmm(a, w_a.transpose(1, 2)) + context)
 
     def _heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """The layers after the first, from its pre-activation (2, B, H): (q1 (B,), q2 (B,))."""
