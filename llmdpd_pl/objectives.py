@@ -1,12 +1,13 @@
-"""The two objectives of one LLMDPD update (paper Algorithm 1), as pure functions of networks and tensors.
+"""The two objectives of one LLMDPD update (paper Algorithm 1), and the scoring of candidate actions that
+the critic objective's targets and ``q_softmax`` acting share, as pure functions of networks and tensors.
 
 Every random draw is an argument: the module draws them up front with the update's generator. Each
 objective is therefore one function that ``torch.compile`` can capture whole, forward and backward
 (``LLMDPDModule(compile=True)``): its ~6 denoiser passes, the critics and the losses then run as a
 few generated kernels instead of about a thousand small eager ops.
 
-Shapes: B batch rows, S state dim, A action dim, C conditioning dim, K diffusion steps, n backup
-candidates (``n_backup``; 1 without the max-Q backup), T tasks, E LLM width, L prompt length.
+Shapes: B batch rows, S state dim, A action dim, C conditioning dim, H hidden width, K diffusion steps,
+n candidate actions per state (the max-Q backup's, 1 without it), T tasks, E LLM width, L prompt length.
 
 ``prompts`` is one prompt per seen task, ``(text (T, E), traj_obs (T, L, S) normalised, traj_act (T, L, A))``,
 and ``task_id`` (B,) maps each row to its task: each task's prompts are encoded once, then gathered. The
