@@ -48,6 +48,11 @@ def scored_candidates(
     n candidates. Used by acting (``q_softmax``) and by the max-Q backup.
     """
     n = noise.shape[1] // obs.shape[0]
+    if n < 1 or noise.shape[1] != n * obs.shape[0]:
+        raise ValueError(
+            f"noise must have n >= 1 rows per state, N·n rows for N = {obs.shape[0]} states; "
+            f"got shape {tuple(noise.shape)}"
+        )
     context = policy.context(obs, cond).repeat_interleave(n, 0)  # (N·n, H)
     cand = policy.sample_from_context(context, noise)  # (N·n, A)
     q1, q2 = critic.from_context(cand, critic.context(obs, critic_cond).repeat_interleave(n, 1))  # (N·n,)
@@ -97,7 +102,8 @@ def critic_objective(
     """
     with torch.no_grad():
         cond = z.detach()[task_id]  # (B, C)
-        _, q1n, q2n = scored_candidates(ema, critic_target, next_obs, ema_z[task_id], cond, target_noise)
+        ema_cond = ema_z[task_id]  # (B, C)
+        _, q1n, q2n = scored_candidates(ema, critic_target, next_obs, ema_cond, cond, target_noise)  # (B, n)
         target = td_target(reward, not_done, max_q_backup(q1n), max_q_backup(q2n), gamma)  # (B,)
     q1, q2 = critic(obs, action, cond)
     return CriticLosses(critic_loss(q1, q2, target), q1.detach().mean(), q2.detach().mean(), target.mean())

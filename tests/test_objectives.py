@@ -80,6 +80,9 @@ def test_scored_candidates_are_n_chains_per_state_and_both_heads_values() -> Non
             torch.testing.assert_close(q1[i], want_q1, atol=ROW_TOL, rtol=ROW_TOL)
             torch.testing.assert_close(q2[i], want_q2, atol=ROW_TOL, rtol=ROW_TOL)
     assert cand.shape == (N * n, A) and q1.shape == q2.shape == (N, n)
+    for rows in (N * n + 1, N - 1):  # not a whole number of candidates per state
+        with pytest.raises(ValueError, match="noise must have n >= 1 rows per state"):
+            scored_candidates(policy, critic, obs, cond, critic_cond, torch.zeros(K + 1, rows, A))
 
 
 @pytest.mark.parametrize("n_backup", [1, 3])
