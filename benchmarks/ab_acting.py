@@ -40,12 +40,17 @@ from llmdpd_pl.policy import PromptedPolicy
 Scorer = Callable[[PromptedPolicy, TwinCritic, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
+def _candidates(policy: PromptedPolicy, obs: Tensor, cond: Tensor, noise: Tensor) -> tuple[int, Tensor]:
+    """The part every variant shares: n, and the n candidates per state (N·n, A) from the reverse chain."""
+    n = noise.shape[1] // obs.shape[0]
+    context = policy.context(obs, cond).repeat_interleave(n, 0)  # (N·n, H)
+    return n, policy.sample_from_context(context, noise)
+
+
 def _repeated_critic_context(
     policy: PromptedPolicy, critic: TwinCritic, obs: Tensor, cond: Tensor, critic_cond: Tensor, noise: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    n = noise.shape[1] // obs.shape[0]
-    context = policy.context(obs, cond).repeat_interleave(n, 0)  # (N·n, H)
-    cand = policy.sample_from_context(context, noise)  # (N·n, A)
+    n, cand = _candidates(policy, obs, cond, noise)
     q1, q2 = critic(obs.repeat_interleave(n, 0), cand, critic_cond.repeat_interleave(n, 0))  # (N·n,)
     return cand, q1.view(-1, n), q2.view(-1, n)
 
@@ -53,13 +58,10 @@ def _repeated_critic_context(
 def _critic_baddbmm(
     policy: PromptedPolicy, critic: TwinCritic, obs: Tensor, cond: Tensor, critic_cond: Tensor, noise: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    n = noise.shape[1] // obs.shape[0]
-    context = policy.context(obs, cond).repeat_interleave(n, 0)  # (N·n, H)
-    cand = policy.sample_from_context(context, noise)  # (N·n, A)
+    n, cand = _candidates(policy, obs, cond, noise)
     critic_context = critic.context(obs, critic_cond).repeat_interleave(n, 1)  # (2, N·n, H)
     w_a = critic.first_layer.weight[..., critic.obs_dim : critic.obs_dim + critic.act_dim]  # (2, H, A)
-    a = cand.unsqueeze(0).expand(critic.n_heads, *cand.shape)  # (2, N·n, A)
-    q1, q2 = critic._heads(torch.baddbmm(critic_context, a, w_a.transpose(1, 2)))  # (N·n,)
+    q1, q2 = critic._heads(torch.baddbmm(critic_context, critic._per_head(cand), w_a.transpose(1, 2)))
     return cand, q1.view(-1, n), q2.view(-1, n)
 
 

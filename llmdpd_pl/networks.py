@@ -308,7 +308,7 @@ class TwinCritic(nn.Module):
         _check_last_dim("act", act, self.act_dim)
         cond = _conditioning(cond, obs, self.cond_dim)
         x = torch.cat([obs, act, cond], dim=-1)  # (B, S + A + C)
-        return self._heads(self.layers[0](x.unsqueeze(0).expand(self.n_heads, *x.shape)))
+        return self._heads(self.first_layer(self._per_head(x)))
 
     @property
     def first_layer(self) -> StackedLinear:
@@ -324,8 +324,7 @@ class TwinCritic(nn.Module):
         cond = _conditioning(cond, obs, self.cond_dim)
         w, s = self.first_layer.weight, self.obs_dim  # (2, H, S + A + C)
         w_sz = torch.cat([w[..., :s], w[..., s + self.act_dim :]], dim=-1)  # (2, H, S + C)
-        x = torch.cat([obs, cond], dim=-1)  # (B, S + C)
-        x = x.unsqueeze(0).expand(self.n_heads, *x.shape)  # (2, B, S + C)
+        x = self._per_head(torch.cat([obs, cond], dim=-1))  # (2, B, S + C)
         return torch.baddbmm(self.first_layer.bias, x, w_sz.transpose(1, 2))
 
     def from_context(self, act: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
@@ -337,10 +336,14 @@ class TwinCritic(nn.Module):
         _check_last_dim("act", act, self.act_dim)
         _check_last_dim("context", context, self.first_layer.out_dim)
         w_a = self.first_layer.weight[..., self.obs_dim : self.obs_dim + self.act_dim]  # (2, H, A)
-        a = act.unsqueeze(0).expand(self.n_heads, *act.shape)  # (2, B, A)
+        a = self._per_head(act)  # (2, B, A)
         # A product and an add, not baddbmm: compiled, the add (and a repeat of the context that feeds
         # it) fuses into the activation's kernel instead of being written out (benchmarks/NOTES.md).
         return self._heads(torch.bmm(a, w_a.transpose(1, 2)) + context)
+
+    def _per_head(self, x: Tensor) -> Tensor:
+        """The same input for both heads, without a copy: (B, D) → (2, B, D)."""
+        return x.unsqueeze(0).expand(self.n_heads, *x.shape)
 
     def _heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """The layers after the first, from its pre-activation (2, B, H): (q1 (B,), q2 (B,))."""
