@@ -49,8 +49,8 @@ from torch import Tensor
 from torch._inductor.fx_passes import post_grad
 from train_step import ablated, build, ema_from_config, start_in_steady_state
 
+from llmdpd_pl import layers
 from llmdpd_pl import module as module_lib
-from llmdpd_pl import networks
 from llmdpd_pl.module import LLMDPDModule
 
 VARIANTS = (
@@ -62,7 +62,7 @@ VARIANTS = (
     "always_rescale",
     "unshared_context",
 )
-_EAGER_MISH = networks.mish
+_EAGER_MISH = layers.mish
 _CLIP = module_lib.clip_grad_norms
 
 
@@ -112,10 +112,10 @@ def _unfused_bias() -> Iterator[None]:
 def variant(name: str) -> Iterator[None]:
     """Process-wide patches of one variant (``compiled_adam`` is set up in :func:`updater`, on the
     optimizers)."""
-    saved = (networks.mish, module_lib.clip_grad_norms)
+    saved = (layers.mish, module_lib.clip_grad_norms)
     with contextlib.ExitStack() as stack:
         if name == "mish_autodiff":  # one function object, so compiled graphs' guards keep matching
-            networks.mish = _mish_autodiff
+            layers.mish = _mish_autodiff
         elif name == "always_rescale":
             module_lib.clip_grad_norms = _always_rescale
         elif name == "unfused_bias":
@@ -131,7 +131,7 @@ def variant(name: str) -> Iterator[None]:
         try:
             yield
         finally:
-            networks.mish, module_lib.clip_grad_norms = saved
+            layers.mish, module_lib.clip_grad_norms = saved
 
 
 class PlainLoop(NamedTuple):

@@ -46,9 +46,10 @@ from report import report
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from llmdpd_pl import networks
+from llmdpd_pl import layers
 from llmdpd_pl.callbacks.ema import ActorEMA
-from llmdpd_pl.data.datamodule import BatchStream, TaskPrompts, Transitions
+from llmdpd_pl.data.batches import BatchStream, Transitions
+from llmdpd_pl.data.datamodule import TaskPrompts
 from llmdpd_pl.envs import ACT_DIM, OBS_DIM
 from llmdpd_pl.module import LLMDPDModule
 from llmdpd_pl.policy import PromptedPolicy
@@ -134,14 +135,14 @@ def ema_from_config(cfg: dict[str, Any]) -> list[L.Callback]:
 def ablated(ablations: Sequence[str]) -> Iterator[None]:
     """Undo optimisations (process-wide patches) inside the block, to measure each one's worth."""
     saved = (
-        networks.mish,
+        layers.mish,
         PromptedPolicy.context,
         PromptedPolicy.eps,
         PromptedPolicy.sample_from_context,
         LLMDPDModule.ema_prompt_embeddings,
     )
     if "torch_mish" in ablations:
-        networks.mish = torch.nn.functional.mish  # Mish modules look the function up at call time
+        layers.mish = torch.nn.functional.mish  # Mish modules look the function up at call time
     if "unshared_context" in ablations or "per_step_context" in ablations:
         # The "context" handed around is (obs, cond); each denoiser pass or each chain computes its own.
         def context(self: PromptedPolicy, obs: Tensor, cond: Tensor) -> Any:
@@ -171,7 +172,7 @@ def ablated(ablations: Sequence[str]) -> Iterator[None]:
         yield
     finally:
         (
-            networks.mish,
+            layers.mish,
             PromptedPolicy.context,
             PromptedPolicy.eps,
             PromptedPolicy.sample_from_context,

@@ -27,8 +27,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from llmdpd_pl.context import BANKS, TaskContext
+from llmdpd_pl.data.batches import Batch
 from llmdpd_pl.data.collect import derive_seed
-from llmdpd_pl.data.datamodule import Batch
 from llmdpd_pl.losses import ActorLosses, CriticLosses
 from llmdpd_pl.networks import TwinCritic
 from llmdpd_pl.objectives import actor_objective, critic_objective, scored_candidates

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from llmdpd_pl.diffusion import GaussianDiffusion
-from llmdpd_pl.networks import Denoiser, TextHead, TrajectoryEncoder
+from llmdpd_pl.networks import Denoiser
+from llmdpd_pl.prompt_encoders import TextHead, TrajectoryEncoder
 
 PromptMode = Literal["both", "text", "trajectory", "none"]
 

@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from llmdpd_pl.data.batches import Transitions
 from llmdpd_pl.data.collect import DatasetSpec
-from llmdpd_pl.data.datamodule import PromptedOfflineDataModule, TaskPrompts, Transitions
+from llmdpd_pl.data.datamodule import PromptedOfflineDataModule, TaskPrompts
 from llmdpd_pl.module import LLMDPDModule
 
 SEEN = ["reach", "push"]  # as in conftest's session collection

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from llmdpd_pl.callbacks.ema import ActorEMA
-from llmdpd_pl.data.datamodule import Batch, BatchStream
+from llmdpd_pl.data.batches import Batch, BatchStream
 from llmdpd_pl.module import LLMDPDModule, clip_grad_norms
 from llmdpd_pl.objectives import actor_objective, scored_candidates
 from llmdpd_pl.policy import PromptedPolicy
