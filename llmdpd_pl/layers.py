@@ -1,7 +1,7 @@
 """Building blocks of LLMDPD's networks: Mish, the diffusion-step embedding, MLPs, stacked Linear heads.
 
 Shared by :mod:`llmdpd_pl.networks` (denoiser, critics) and :mod:`llmdpd_pl.prompt_encoders`, with the
-dimension checks that give their inputs a clear error.
+check that gives their inputs of the wrong width a clear error.
 """
 
 from __future__ import annotations
@@ -14,13 +14,8 @@ import torch
 from torch import Tensor, nn
 
 
-def check_dims(**dims: int) -> None:
-    for name, value in dims.items():
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
 def check_last_dim(name: str, x: Tensor, expected: int) -> None:
+    """A ``ValueError`` naming ``name`` and its shape unless ``x``'s last dimension is ``expected``."""
     if x.shape[-1] != expected:
         raise ValueError(f"{name} must have last dimension {expected}, got shape {tuple(x.shape)}")
 
@@ -153,4 +148,4 @@ class StackedLinear(nn.Module):
         return f"n_heads={self.n_heads}, in_dim={self.in_dim}, out_dim={self.out_dim}"
 
 
-__all__ = ["Mish", "SinusoidalPosEmb", "StackedLinear", "check_dims", "check_last_dim", "mish", "mlp"]
+__all__ = ["Mish", "SinusoidalPosEmb", "StackedLinear", "check_last_dim", "mish", "mlp"]

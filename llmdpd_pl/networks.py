@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmdpd_pl.layers import Mish, SinusoidalPosEmb, StackedLinear, check_dims, check_last_dim, mlp
+from llmdpd_pl.layers import Mish, SinusoidalPosEmb, StackedLinear, check_last_dim, mlp
+
+
+def _check_dims(**dims: int) -> None:
+    for name, value in dims.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
 def _conditioning(cond: Tensor | None, obs: Tensor, cond_dim: int) -> Tensor:
@@ -61,7 +67,7 @@ class Denoiser(nn.Module):
         n_layers: int = 3,
     ) -> None:
         super().__init__()
-        check_dims(obs_dim=obs_dim, act_dim=act_dim, cond_dim=cond_dim, hidden_dim=hidden_dim)
+        _check_dims(obs_dim=obs_dim, act_dim=act_dim, cond_dim=cond_dim, hidden_dim=hidden_dim)
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers!r}")
         self.obs_dim, self.act_dim, self.cond_dim = obs_dim, act_dim, cond_dim
@@ -143,7 +149,7 @@ class TwinCritic(nn.Module):
         self, obs_dim: int, act_dim: int, cond_dim: int, hidden_dim: int = 256, n_layers: int = 3
     ) -> None:
         super().__init__()
-        check_dims(obs_dim=obs_dim, act_dim=act_dim, cond_dim=cond_dim)
+        _check_dims(obs_dim=obs_dim, act_dim=act_dim, cond_dim=cond_dim)
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers!r}")
         self.obs_dim, self.act_dim, self.cond_dim = obs_dim, act_dim, cond_dim
