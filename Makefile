@@ -14,7 +14,7 @@ install:  ## install torch (CPU wheel unless one is present) and the package wit
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -e ".[dev]"
 
-test:  ## run the test suite
+test: install  ## install, then run the test suite
 	$(PYTHON) -m pytest -q tests
 
 lint:  ## ruff + mypy
@@ -33,8 +33,8 @@ demo: install  ## the CPU demonstration end to end: collect, fit (<= 45 min), te
 	llmdpd test --config configs/metaworld_cpu.yaml --trainer.logger.init_args.version demo_test \
 		--ckpt_path runs/metaworld_cpu/demo/checkpoints/last.ckpt
 
-bench:  ## benchmarks (write JSON next to themselves)
-	$(PYTHON) benchmarks/matmul_peak.py
+bench:  ## benchmarks on an otherwise idle machine (JSON next to the scripts; figures in docs/performance.md)
 	$(PYTHON) benchmarks/train_step.py
-	$(PYTHON) benchmarks/phases.py
-	$(PYTHON) benchmarks/matmuls.py
+	$(PYTHON) benchmarks/rollout.py --num-envs 50 --action-selection sample
+	$(PYTHON) benchmarks/rollout.py --config configs/metaworld_cpu.yaml --num-envs 10
+	$(PYTHON) benchmarks/collect.py

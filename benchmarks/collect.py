@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import report
+from common import report
 
 from llmdpd_pl.data.collect import DatasetSpec, QualityLevel, collect
 

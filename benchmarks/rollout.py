@@ -2,7 +2,7 @@
 
     python benchmarks/rollout.py [--ckpt runs/.../last.ckpt] [--task box-close] [--num-envs 10] [--steps 500]
 
-Both measurements run ``evaluation.run_episodes`` on the same vector env (``num_envs`` copies of one task):
+Both measurements run ``rollouts.run_episodes`` on the same vector env (``num_envs`` copies of one task):
 with a policy that returns fixed actions (raw stepping: env cost only), and with the policy under test.
 They alternate for ``--rounds`` rounds and each figure is the median over rounds, so a slow spell of the
 machine hits both. Without ``--ckpt`` the policy is a freshly initialised ``LLMDPDModule`` of the config's
@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import matmul_peaks, peak_fields, report
 from torch.utils.flop_counter import FlopCounterMode
+from train_step import build
 
-sys.path.insert(0, str(Path(__file__).parent))
-from report import report  # noqa: E402
-from train_step import build, matmul_peaks, peak_fields  # noqa: E402
-
-from llmdpd_pl.callbacks.evaluation import module_policy  # noqa: E402
-from llmdpd_pl.evaluation import make_eval_envs, run_episodes  # noqa: E402
-from llmdpd_pl.module import LLMDPDModule  # noqa: E402
+from llmdpd_pl.callbacks.rollout_evaluation import module_policy
+from llmdpd_pl.envs import make_eval_envs
+from llmdpd_pl.module import LLMDPDModule
+from llmdpd_pl.rollouts import run_episodes
 
 
 def steps_per_s(policy, task: str, envs, episodes: int, steps: int) -> float:  # type: ignore[no-untyped-def]
@@ -63,12 +61,12 @@ def main() -> None:
     if args.ckpt:
         module = LLMDPDModule.load_from_checkpoint(args.ckpt, map_location="cpu")
     else:
-        module, _ = build(args.config, 256, 3, "cpu")
-        module.context.task_names = (args.task, "task1", "task2")
+        module, _ = build(args.config)
+        module.task_bank.task_names = (args.task, "task1", "task2")
     if args.action_selection:
         module.hparams.action_selection = args.action_selection
-    if args.compile is not None:
-        module.hparams.compile = args.compile
+    compile_ = bool(module.hparams.compile if args.compile is None else args.compile)
+    module.hparams.compile = module.policy.compile_acting = False  # eager for the FLOP count
     module.eval()
     envs = make_eval_envs(args.task, args.num_envs, seed=0)
     fixed = np.zeros((args.num_envs, 4), dtype=np.float32)
@@ -82,7 +80,7 @@ def main() -> None:
         with counter:  # one policy call, eager: compile does not change the FLOPs
             policy(obs, args.task)
         flops_per_step = counter.get_total_flops() / args.num_envs
-        module.configure_model()  # as the Trainer does: compiles acting if ``compile``
+        module.hparams.compile = module.policy.compile_acting = compile_
         steps_per_s(policy, args.task, envs, args.num_envs, 2)  # warm-up (compilation)
         for _ in range(args.rounds):
             raws.append(steps_per_s(lambda obs, task: fixed, args.task, envs, args.num_envs, args.steps))
@@ -98,7 +96,7 @@ def main() -> None:
         "action_selection": module.hparams.action_selection,
         "n_action_candidates": module.hparams.n_action_candidates,
         "threads": torch.get_num_threads(),
-        "compile": bool(module.hparams.compile),
+        "compile": compile_,
         "rounds": args.rounds,
         "raw_env_steps_per_s": raw,
         "policy_env_steps_per_s": agent,

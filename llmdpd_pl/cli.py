@@ -52,7 +52,7 @@ class LLMDPDTrainer(L.Trainer):
             videos: Episodes per task to record as GIFs (``<log_dir>/videos/test/``) and TensorBoard
                 images, besides the scored ones (overrides ``RolloutEvaluation.video_episodes``; 0: none).
         """
-        from llmdpd_pl.callbacks.evaluation import RolloutEvaluation
+        from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
 
         evaluators = [cb for cb in self.callbacks if isinstance(cb, RolloutEvaluation)]
         if not evaluators:
@@ -97,7 +97,7 @@ class LLMDPDCLI(LightningCLI):
 
     def after_test(self) -> None:
         """The results JSON's path is the last line ``llmdpd test`` prints."""
-        from llmdpd_pl.callbacks.evaluation import RolloutEvaluation
+        from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
 
         for cb in self.trainer.callbacks:
             if isinstance(cb, RolloutEvaluation) and cb.json_path is not None:

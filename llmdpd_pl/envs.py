@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import metaworld
 import numpy as np
 from metaworld.policies import ENV_POLICY_MAP
+
+from llmdpd_pl.utils import derive_seed
 
 ENV_ID = "llmdpd/MetaWorld-v3"
 #: The 50 Meta-World v3 task names, without the ``-v3`` suffix.
@@ -83,3 +85,37 @@ def scripted_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:
 def split_overlap(seen: Sequence[str], unseen: Sequence[str]) -> list[str]:
     """Tasks that are both seen and unseen (leaks the test set)."""
     return sorted(set(seen) & set(unseen))
+
+
+class LayoutReset(gym.Wrapper):
+    """``reset(seed=i)`` puts the task in object/goal layout ``i mod 50``; ``reset()`` keeps the layout."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        selector = env
+        while not hasattr(selector, "tasks"):
+            selector = selector.env  # the RandomTaskSelectWrapper holds the 50 layouts
+        selector.toggle_sample_tasks_on_reset(False)
+        self.layouts = selector.tasks
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        if seed is not None:
+            self.env.unwrapped.set_task(self.layouts[seed % len(self.layouts)])
+        return self.env.reset(options=options)
+
+
+def layout_seed(seed: int, task: str) -> int:
+    """Construction seed of a task's evaluation envs (a layout set disjoint from the training data's)."""
+    return derive_seed(seed, task, "eval")
+
+
+def make_eval_envs(
+    task: str, num_envs: int, seed: int, vectorization: Literal["sync", "async"] = "sync", **kwargs: Any
+) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of ``task`` with the evaluation layout set, SAME_STEP autoreset."""
+    env_seed = layout_seed(seed, task)
+    fns = [lambda: LayoutReset(make_env(task, seed=env_seed, **kwargs)) for _ in range(num_envs)]
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if vectorization == "async":
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)

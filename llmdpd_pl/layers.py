@@ -30,7 +30,7 @@ def mish(x: Tensor) -> Tensor:
     ``d mish / dx = t + x s (1 - t^2)`` with ``t = tanh(softplus(x)) = p / (2 - p)``.
 
     Same function as ``torch.nn.functional.mish`` (to float32 rounding), but 2.8x faster forward and
-    backward on CPU, where PyTorch's kernel evaluates ``tanh`` and ``log1p`` (``benchmarks/NOTES.md``).
+    backward on CPU, where PyTorch's kernel evaluates ``tanh`` and ``log1p`` (``docs/performance.md``).
 
     Args:
         x: any shape.
@@ -116,7 +116,7 @@ class StackedLinear(nn.Module):
 
     ``y[h] = x[h] @ weight[h]^T + bias[h]``: ``weight[h]`` is laid out as ``nn.Linear``'s (out, in), which
     is also the fast layout for ``baddbmm`` with a narrow output (the critics' last layer: 7x faster
-    forward than an (in, out) weight with out = 1; ``benchmarks/NOTES.md``). Each head is initialised
+    forward than an (in, out) weight with out = 1; ``docs/performance.md``). Each head is initialised
     exactly as ``nn.Linear``'s default (Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))
     for weight and bias), drawn independently per head.
 

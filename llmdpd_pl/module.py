@@ -1,63 +1,37 @@
 """``LLMDPDModule``: Diffusion-QL actor–critic over prompt-conditioned policy diffusion (paper Algorithm 1).
 
-One training step is one *update* (manual optimization):
+One training step is one *update* (manual optimization), :meth:`LLMDPDModule.update`:
 
 1. critic: a' ~ π_EMA(· | s', z) by the full reverse chain (no grad) → Eq. 6 on (Q1, Q2);
 2. actor, h_ψ and g_φ: Eq. 5 + η · normalised Eq. 7 → Eq. 8 (the LLM is frozen and not in this module);
-3. soft update of the target critics; 4. the :class:`~llmdpd_pl.callbacks.ema.ActorEMA` callback
+3. soft update of the target critics; then the :class:`~llmdpd_pl.callbacks.ema.ActorEMA` callback
    updates the EMA actor.
 
 Lightning's ``global_step`` counts optimizer steps, two per update: ``trainer.max_steps = 2 × updates``.
 The module keeps its own counter, :attr:`updates`, for everything keyed on updates (EMA, logging).
 
-The critics see the task context as the *detached* prompt embeddings z of the online policy: in a
-multi-task setting the same (s, a) has different values in different tasks, and detaching keeps the
-prompt encoders trained by the actor loss only (Algorithm 1, line 12), as in the paper.
+The math is in :mod:`llmdpd_pl.objectives`; acting is the policy's (``PromptedPolicy.select_action``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import Tensor
 
-from llmdpd_pl.context import BANKS, TaskContext
 from llmdpd_pl.data.batches import Batch
-from llmdpd_pl.data.collect import derive_seed
 from llmdpd_pl.losses import ActorLosses, CriticLosses
 from llmdpd_pl.networks import TwinCritic
-from llmdpd_pl.objectives import actor_objective, critic_objective, scored_candidates
-from llmdpd_pl.policy import PromptedPolicy, PromptMode
-
-
-def clip_grad_norms(groups: Mapping[str, Iterable[nn.Parameter]], max_norm: float) -> dict[str, Tensor]:
-    """Clip the joint gradient L2 norm of all groups to ``max_norm``; return each group's norm and the total.
-
-    ``total = sqrt(Σ_g ||∇_g||²)``; every gradient is scaled by ``min(1, max_norm / (total + 1e-6))``.
-    ``max_norm <= 0`` measures without clipping.
-
-    On the CPU, where reading the factor needs no device sync, a factor of exactly 1 skips the multiply
-    (x · 1 = x, so the gradients are the same): the actor's 1.1M gradients are almost never clipped, and
-    multiplying them by 1 cost 2.5–4% of an update (``benchmarks/NOTES.md``, sixth session).
-    """
-    norms: dict[str, Tensor] = {}
-    grads: list[Tensor] = []
-    for name, params in groups.items():
-        g = [p.grad for p in params if p.grad is not None]
-        if g:
-            norms[name] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
-            grads += g
-    total = torch.linalg.vector_norm(torch.stack(list(norms.values())))
-    if max_norm > 0:
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        if scale.device.type != "cpu" or scale.item() != 1.0:  # NaN != 1: a NaN total still spreads
-            torch._foreach_mul_(grads, scale)
-    return {**norms, "total": total}
+from llmdpd_pl.objectives import actor_objective, critic_objective, draw
+from llmdpd_pl.policy import PolicySpec, PromptedPolicy, PromptMode
+from llmdpd_pl.task_bank import TaskBank
+from llmdpd_pl.utils import clip_grad_norms, derive_seed, maybe_compiled
 
 
 class UpdateStats(NamedTuple):
@@ -106,9 +80,8 @@ class LLMDPDModule(L.LightningModule):
         actor_lr_scheduler: Optional scheduler, stepped once per update.
         critic_lr_scheduler: Optional scheduler, stepped once per update.
         seed: Seed of the per-update noise (each update draws from (seed, rank, update)).
-        compile: ``torch.compile`` the update's prompt encoding and its two objectives
-            (:mod:`llmdpd_pl.objectives`), each as one graph, forward and backward, and the reverse chain
-            of acting; the weights and checkpoints are unchanged.
+        compile: ``torch.compile`` the update's prompt encoding and its two objectives, each as one graph,
+            forward and backward, and the reverse chain of acting; the weights and checkpoints are unchanged.
     """
 
     def __init__(
@@ -147,206 +120,114 @@ class LLMDPDModule(L.LightningModule):
         for name, value, lo, hi in (("gamma", gamma, 0.0, 1.0), ("tau", tau, 0.0, 1.0)):
             if not lo <= value <= hi:
                 raise ValueError(f"model.{name} must be in [{lo}, {hi}], got {value}")
-        if eta < 0:
-            raise ValueError(f"model.eta must be >= 0, got {eta}")
-        if n_backup_samples < 1 or n_action_candidates < 1:
-            raise ValueError(
-                f"model.n_backup_samples and model.n_action_candidates must be >= 1, "
-                f"got {n_backup_samples} and {n_action_candidates}"
-            )
+        for name, value, low in (("eta", eta, 0), ("n_backup_samples", n_backup_samples, 1),
+                                 ("n_action_candidates", n_action_candidates, 1)):  # fmt: skip
+            if value < low:
+                raise ValueError(f"model.{name} must be >= {low}, got {value}")
         self.save_hyperparameters(
             ignore=["actor_optimizer", "critic_optimizer", "actor_lr_scheduler", "critic_lr_scheduler"]
         )
         self.automatic_optimization = False
-        self.policy = PromptedPolicy(
-            obs_dim,
-            act_dim,
-            text_embed_dim,
-            traj_prompt_len,
-            prompts,
-            prompt_dim,
-            n_diffusion_steps,
-            beta_schedule,
-            hidden_dim,
-            traj_d_model,
-            traj_layers,
-            traj_heads,
-        )
+        spec = PolicySpec(
+            obs_dim, act_dim, text_embed_dim, traj_prompt_len, prompts, prompt_dim, n_diffusion_steps,
+            beta_schedule, hidden_dim, traj_d_model, traj_layers, traj_heads,
+        )  # fmt: skip
+        self.policy = PromptedPolicy(spec, compile)
         self.critic = TwinCritic(obs_dim, act_dim, self.policy.cond_dim, hidden_dim)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self._optimizer_factories = (
-            actor_optimizer,
-            critic_optimizer,
-            actor_lr_scheduler,
-            critic_lr_scheduler,
-        )
-        # Filled from the datamodule in setup() (or by context.fill) and saved with the weights.
-        self.context = TaskContext(obs_dim, act_dim, text_embed_dim, traj_prompt_len, text_source, text_seed)
+        self._optimizers = (actor_optimizer, critic_optimizer, actor_lr_scheduler, critic_lr_scheduler)
+        self.task_bank = TaskBank(obs_dim, act_dim, text_embed_dim, traj_prompt_len, text_source, text_seed)
         self.updates = 0
         self._ema: tuple[PromptedPolicy, ...] = ()
-        self._ema_z_table: tuple[tuple[Tensor, ...], tuple[int, ...], Tensor] | None = None
-        self._encode_prompts, self._sample = PromptedPolicy.encode_prompts, PromptedPolicy.sample
-        self._scored_candidates = scored_candidates
-        self._critic_objective, self._actor_objective = critic_objective, actor_objective
+        self._ema_z: Tensor | None = None  # (T, n, C): the EMA's z of every training prompt, until it changes
 
-    # ------------------------------------------------------------------ task context
+    # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
+        """Fill the task bank (saved with the weights) from the datamodule, if any."""
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and getattr(dm, "task_prompts", None) is not None:
-            self.context.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
-
-    def configure_model(self) -> None:
-        if self.hparams["compile"]:
-            self._encode_prompts = torch.compile(PromptedPolicy.encode_prompts)
-            self._sample = torch.compile(PromptedPolicy.sample)  # acting
-            self._scored_candidates = torch.compile(scored_candidates)
-            self._critic_objective = torch.compile(critic_objective)
-            self._actor_objective = torch.compile(actor_objective)
-
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        for name in BANKS:  # checkpoints from before the context was a submodule held its buffers here
-            if prefix + name in state_dict:
-                state_dict[f"{prefix}context.{name}"] = state_dict.pop(prefix + name)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            self.task_bank.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
+            self._ema_z = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["llmdpd"] = {
-            "updates": self.updates,
-            "task_names": list(self.context.task_names),
-            "n_seen": self.context.n_seen,
-        }
+        names, n_seen = list(self.task_bank.task_names), self.task_bank.n_seen
+        checkpoint["llmdpd"] = {"updates": self.updates, "task_names": names, "n_seen": n_seen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("llmdpd", {})
         self.updates = int(extra.get("updates", 0))
-        self.context.task_names = tuple(extra.get("task_names", self.context.task_names))
-        self.context.n_seen = int(extra.get("n_seen", self.context.n_seen))
+        self.task_bank.task_names = tuple(extra.get("task_names", self.task_bank.task_names))
+        self.task_bank.n_seen = int(extra.get("n_seen", self.task_bank.n_seen))
+        self._ema_z = None
 
-    # ------------------------------------------------------------------ EMA interface
+    def configure_optimizers(self) -> Any:
+        actor_opt_fn, critic_opt_fn, actor_sched_fn, critic_sched_fn = self._optimizers
+        critic_opt = critic_opt_fn(self.critic.parameters())
+        actor_opt = actor_opt_fn(self.policy.parameters())
+        pairs = ((critic_sched_fn, critic_opt), (actor_sched_fn, actor_opt))
+        schedulers = [fn(opt) for fn, opt in pairs if fn]
+        return [critic_opt, actor_opt], schedulers
+
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        if self.task_bank.n_seen == 0:
+            raise RuntimeError("no tasks: fit with PromptedOfflineDataModule or call module.task_bank.fill()")
+        critic_opt, actor_opt = self.optimizers()  # type: ignore[misc]
+        stats = self.update(batch, critic_opt, actor_opt, self.manual_backward)
+        for scheduler in self.lr_schedulers() or []:  # type: ignore[union-attr]
+            scheduler.step()
+        # Lightning's per-call logging overhead is ~1 ms per value on CPU: log only on the updates whose
+        # metrics reach the loggers (batch i is logged when (i + 1) % log_every_n_steps == 0).
+        every = self.trainer.log_every_n_steps
+        if every and self.updates % every == 0:
+            self._log_update(stats)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Nothing per batch: the ``RolloutEvaluation`` callback runs the episodes at the epoch's end."""
+
+    # ------------------------------------------------------------------ EMA
     def attach_ema(self, policy: PromptedPolicy) -> None:
         """Called by :class:`ActorEMA`: the EMA policy used for Q targets and evaluation."""
-        self._ema = (policy,)
+        self._ema, self._ema_z = (policy,), None
+
+    def ema_updated(self) -> None:
+        """Called by :class:`ActorEMA` whenever it writes the EMA policy's weights."""
+        self._ema_z = None
 
     @property
     def ema_policy(self) -> PromptedPolicy:
         """The EMA actor if an :class:`ActorEMA` callback is attached, else the online actor."""
         return self._ema[0] if self._ema else self.policy
 
-    # ------------------------------------------------------------------ building blocks
-    def prompt_context(self, policy: PromptedPolicy, tasks: Tensor, prompt_index: Tensor) -> Tensor:
-        """z for the given tasks, each with its trajectory prompt ``prompt_index``: (T,), (T,) → (T, C).
+    # ------------------------------------------------------------------ prompts
+    def encode_prompts(self, policy: PromptedPolicy, tasks: Tensor, prompt_index: Tensor) -> Tensor:
+        """``policy``'s z of tasks (T,), each with its trajectory prompt ``prompt_index`` (T,): → (T, C).
 
         Compiled with ``compile``; differentiable in ``policy``'s prompt encoders unless under no_grad.
         """
-        return self._encode_prompts(policy, *self.context.prompts(tasks, prompt_index))
+        encode = maybe_compiled(PromptedPolicy.encode_prompts, self.hparams["compile"])
+        return encode(policy, *self.task_bank.prompts(tasks, prompt_index))
 
     @torch.no_grad()
     def ema_prompt_embeddings(self, prompt_index: Tensor) -> Tensor:
         """The EMA actor's z of seen task t with trajectory prompt ``prompt_index[t]``: (T,) → (T, C).
 
         The EMA's weights change only when :class:`ActorEMA` writes them (every ``every`` updates once it
-        averages), not at every update as the online policy's do. So the z of every prompt of every seen
-        task is computed at once after a write, and gathered until the next one. Writes are detected by
-        the in-place version counters of the EMA's weights and of the prompt banks, so any change to
-        them (an EMA write, a checkpoint load, new task context) recomputes the table.
+        averages), so the z of every training prompt of every seen task is computed once after each write
+        (:meth:`ema_updated`), and gathered until the next one.
         """
-        ema = self.ema_policy
-        watched = (*ema.parameters(), *self.context.buffers())
-        versions = tuple(t._version for t in watched)
-        table = self._ema_z_table
-        if (
-            table is None
-            or table[1] != versions  # equal versions: same length, so zip(strict=True) is safe below
-            or any(a is not b for a, b in zip(table[0], watched, strict=True))
-        ):
+        seen = torch.arange(self.task_bank.n_seen, device=self.device)
+        if self._ema_z is None:
             n = self._n_train_prompts()
-            tasks = torch.arange(self.context.n_seen, device=self.device).repeat_interleave(n)  # (T·n,)
-            index = torch.arange(n, device=self.device).repeat(self.context.n_seen)  # (T·n,)
-            z = self.prompt_context(ema, tasks, index).view(self.context.n_seen, n, -1)
-            table = self._ema_z_table = (watched, versions, z)  # z: (T, n, C)
-        return table[2][torch.arange(self.context.n_seen, device=self.device), prompt_index]  # (T, C)
-
-    def _generator(self) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
-        return gen.manual_seed(derive_seed(self.hparams["seed"], self.global_rank, self.updates))
-
-    # ------------------------------------------------------------------ training
-    def critic_losses(
-        self, batch: Batch, obs: Tensor, next_obs: Tensor, z: Tensor, ema_z: Tensor, gen: torch.Generator
-    ) -> CriticLosses:
-        """Eq. 6 with a' from the EMA actor's full reverse chain (:func:`critic_objective`).
-
-        z: the online policy's embedding of the update's prompt of each seen task, (T, C), shared with the
-        actor step; ema_z: the EMA actor's (:meth:`ema_prompt_embeddings`), (T, C).
-        """
-        n = self.hparams["n_backup_samples"] if self.hparams["max_q_backup"] else 1
-        noise = self.policy.diffusion.chain_noise((len(obs) * n, batch.action.shape[1]), gen, self.device)
-        return self._critic_objective(
-            self.critic,
-            self.critic_target,
-            self.ema_policy,
-            z,
-            ema_z,
-            batch.task_id,
-            obs,
-            batch.action,
-            batch.reward,
-            batch.not_done,
-            next_obs,
-            noise,
-            self.hparams["gamma"],
-        )
-
-    def actor_losses(
-        self, batch: Batch, obs: Tensor, z: Tensor, gen: torch.Generator
-    ) -> tuple[ActorLosses, Tensor]:
-        """Eq. 5 + η · normalised Eq. 7 = Eq. 8 (:func:`actor_objective`), and the sampled a⁰ (B, A).
-
-        z: the online policy's prompt embeddings of the seen tasks, (T, C), with gradient to ψ and φ.
-        """
-        a_k, k, eps = self.policy.diffusion.loss_inputs(batch.action, gen)
-        chain_noise = self.policy.diffusion.chain_noise(tuple(batch.action.shape), gen, self.device)
-        pick_first = torch.rand((), generator=gen, device=self.device) < 0.5
-        return self._actor_objective(
-            self.policy,
-            self.critic,
-            z,
-            batch.task_id,
-            obs,
-            a_k,
-            k,
-            eps,
-            chain_noise,
-            self.hparams["eta"],
-            pick_first,
-        )
+            index = torch.arange(n, device=self.device).repeat(len(seen))  # (T·n,)
+            z = self.encode_prompts(self.ema_policy, seen.repeat_interleave(n), index)
+            self._ema_z = z.view(len(seen), n, -1)  # (T, n, C)
+        return self._ema_z[seen, prompt_index]
 
     def _n_train_prompts(self) -> int:
         """Trajectory prompts per seen task that training draws from: all, or the first only."""
-        return 1 if self.hparams["train_prompt"] == "first" else self.context.n_prompts
+        return 1 if self.hparams["train_prompt"] == "first" else self.task_bank.n_prompts
 
-    def _train_prompt_index(self, gen: torch.Generator) -> Tensor:
-        n_prompts = self._n_train_prompts()
-        if n_prompts == 1:
-            return torch.zeros(self.context.n_seen, dtype=torch.long, device=self.device)
-        return torch.randint(n_prompts, (self.context.n_seen,), generator=gen, device=self.device)
-
-    def training_step(self, batch: Batch, batch_idx: int) -> None:
-        if self.context.n_seen == 0:
-            raise RuntimeError(
-                "no task context: fit with PromptedOfflineDataModule, or call module.context.fill()"
-            )
-        critic_opt, actor_opt = self.optimizers()  # type: ignore[misc]
-        stats = self.update(batch, critic_opt, actor_opt, self.manual_backward)
-        for scheduler in self.lr_schedulers() or []:  # type: ignore[union-attr]
-            scheduler.step()
-        # Lightning's per-call logging overhead is ~1 ms per value on CPU (20% of an update when
-        # logging every update): log only on the updates whose metrics reach the loggers.
-        if self.trainer._logger_connector.should_update_logs:
-            self._log_update(stats)
-
+    # ------------------------------------------------------------------ the update
     def update(
         self,
         batch: Batch,
@@ -357,42 +238,45 @@ class LLMDPDModule(L.LightningModule):
         """One update (module docstring, steps 1–3) with these optimizers; no Lightning state is touched.
 
         ``backward(loss)`` runs a loss's backward pass (``training_step`` passes ``manual_backward``), so
-        the same update runs in plain loops, e.g. ``benchmarks/ab_blocks.py``'s.
+        the same update runs in plain loops, e.g. ``benchmarks/train_step.py``'s.
         """
-        gen = self._generator()
-        obs, next_obs = self.context.normalize(batch.obs), self.context.normalize(batch.next_obs)  # (B, S)
-        seen = torch.arange(self.context.n_seen, device=self.device)
-        prompt_index = self._train_prompt_index(gen)  # (T,), one trajectory prompt per seen task
+        hp, bank, compile_ = self.hparams, self.task_bank, self.hparams["compile"]
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(derive_seed(hp["seed"], self.global_rank, self.updates))
+        batch = replace(batch, obs=bank.normalize(batch.obs), next_obs=bank.normalize(batch.next_obs))
+        seen, n = torch.arange(bank.n_seen, device=self.device), self._n_train_prompts()
+        prompt_index = (  # (T,), one trajectory prompt per seen task; a single prompt draws nothing
+            torch.randint(n, seen.shape, generator=gen, device=seen.device) if n > 1 else seen * 0
+        )
+        n_backup = hp["n_backup_samples"] if hp["max_q_backup"] else 1
+        draws = draw(self.policy.diffusion, batch.action, n_backup, gen)
         # Encoded once: the critics read z detached, the actor step backpropagates through it.
-        z = self.prompt_context(self.policy, seen, prompt_index)  # (T, C)
+        z = self.encode_prompts(self.policy, seen, prompt_index)  # (T, C)
         ema_z = self.ema_prompt_embeddings(prompt_index) if self._ema else z.detach()  # (T, C)
 
         # 1. Critic step (Eq. 6).
-        c = self.critic_losses(batch, obs, next_obs, z, ema_z, gen)
+        c = maybe_compiled(critic_objective, compile_)(
+            self.critic, self.critic_target, self.ema_policy, batch, z, ema_z, draws, hp["gamma"]
+        )
         critic_opt.zero_grad(set_to_none=True)
         backward(c.loss)
-        c_norms = clip_grad_norms({"critic": self.critic.parameters()}, self.hparams["grad_clip"])
+        c_norms = clip_grad_norms({"critic": self.critic.parameters()}, hp["grad_clip"])
         critic_opt.step()
 
         # 2. Actor + prompt-encoder step (Eq. 8). The critic is frozen so no gradient lands in it.
         self.critic.requires_grad_(False)
-        a, a_new = self.actor_losses(batch, obs, z, gen)
+        actor = maybe_compiled(actor_objective, compile_)
+        a, a_new = actor(self.policy, self.critic, batch, z, draws, hp["eta"])
         actor_opt.zero_grad(set_to_none=True)
         backward(a.loss)
         self.critic.requires_grad_(True)
-        groups = {"denoiser": self.policy.denoiser.parameters()}
-        if self.policy.text_head is not None:
-            groups["text_head"] = self.policy.text_head.parameters()
-        if self.policy.traj_encoder is not None:
-            groups["traj_encoder"] = self.policy.traj_encoder.parameters()
-        a_norms = clip_grad_norms(groups, self.hparams["grad_clip"])
+        a_norms = clip_grad_norms(self.policy.parameter_groups(), hp["grad_clip"])
         actor_opt.step()
 
         # 3. Target critics: φ' ← (1 − τ) φ' + τ φ.
         with torch.no_grad():
-            torch._foreach_lerp_(
-                list(self.critic_target.parameters()), list(self.critic.parameters()), self.hparams["tau"]
-            )
+            target, online = list(self.critic_target.parameters()), list(self.critic.parameters())
+            torch._foreach_lerp_(target, online, hp["tau"])
         self.updates += 1
         return UpdateStats(c, a, c_norms, a_norms, a_new)
 
@@ -413,57 +297,3 @@ class LLMDPDModule(L.LightningModule):
             on_epoch=False,
         )
         self.log("train/bc_loss", s.actor.bc_loss, prog_bar=True, on_step=True, on_epoch=False, logger=False)
-
-    def configure_optimizers(self) -> Any:
-        actor_opt_fn, critic_opt_fn, actor_sched_fn, critic_sched_fn = self._optimizer_factories
-        critic_opt = critic_opt_fn(self.critic.parameters())
-        actor_opt = actor_opt_fn(self.policy.parameters())
-        schedulers = [
-            fn(opt) for fn, opt in ((critic_sched_fn, critic_opt), (actor_sched_fn, actor_opt)) if fn
-        ]
-        return [critic_opt, actor_opt], schedulers
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Nothing per batch: the ``RolloutEvaluation`` callback runs the episodes at the epoch's end."""
-
-    # ------------------------------------------------------------------ acting
-    @torch.no_grad()
-    def task_conditioning(self, tasks: Tensor, prompt_index: int = 0) -> tuple[Tensor, Tensor]:
-        """z of the EMA actor and of the online policy (the critics' context) for tasks (T,) → (T, C) each.
-
-        Prompts are fixed during an evaluation, so callers compute this once per task, not per step.
-        """
-        p = torch.full_like(tasks, prompt_index)
-        return self.prompt_context(self.ema_policy, tasks, p), self.prompt_context(self.policy, tasks, p)
-
-    @torch.no_grad()
-    def act_conditioned(
-        self, obs: Tensor, cond: Tensor, critic_cond: Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Actions for raw states with given conditioning: (N, S), (N, C), (N, C) → (N, A) in [-1, 1].
-
-        ``action_selection='q_softmax'`` draws ``n_action_candidates`` per state and picks one with
-        probability softmax(min(Q1', Q2')) (Diffusion-QL's evaluation); ``sample`` draws one.
-        """
-        obs_n = self.context.normalize(obs)  # (N, S)
-        diffusion, act_dim = self.ema_policy.diffusion, self.hparams["act_dim"]
-        if self.hparams["action_selection"] == "sample":
-            noise = diffusion.chain_noise((len(obs), act_dim), generator, obs.device)
-            return self._sample(self.ema_policy, obs_n, cond, noise)
-        n = self.hparams["n_action_candidates"]
-        noise = diffusion.chain_noise((len(obs) * n, act_dim), generator, obs.device)
-        cand, q1, q2 = self._scored_candidates(
-            self.ema_policy, self.critic_target, obs_n, cond, critic_cond, noise
-        )  # (N·n, A), (N, n), (N, n)
-        q = torch.minimum(q1, q2)  # (N, n)
-        pick = torch.multinomial(torch.softmax(q, dim=1), 1, generator=generator).squeeze(1)  # (N,)
-        return cand.view(-1, n, cand.shape[-1])[torch.arange(len(pick), device=pick.device), pick]
-
-    @torch.no_grad()
-    def act(
-        self, obs: Tensor, task_index: Tensor, prompt_index: int = 0, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Actions for raw states of given tasks with the EMA actor: (N, S), (N,) → (N, A) in [-1, 1]."""
-        tasks, inverse = torch.unique(task_index, return_inverse=True)
-        cond, critic_cond = self.task_conditioning(tasks, prompt_index)
-        return self.act_conditioned(obs, cond[inverse], critic_cond[inverse], generator)

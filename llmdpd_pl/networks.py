@@ -43,9 +43,9 @@ class Denoiser(nn.Module):
     ``concat(a_k, t, s, z) -> n_layers x (Linear hidden_dim, Mish) -> Linear A``.
 
     The first layer is evaluated in two parts, ``W [a_k, t, s, z] + b = W_at [a_k, t] + (W_sz [s, z] + b)``:
-    the state-and-prompt part is the :meth:`context`, computed once per reverse chain and reused by its
+    the state-and-prompt part is the :meth:`state_term`, computed once per reverse chain and reused by its
     K steps, since s and z do not change along the chain. Same weights and same function as the single
-    Linear; only the cost differs (``benchmarks/NOTES.md``).
+    Linear; only the cost differs (``docs/performance.md``).
 
     Args:
         obs_dim: state dimension S.
@@ -85,8 +85,8 @@ class Denoiser(nn.Module):
         """``Linear(A + time_dim + S + C, hidden_dim)`` on ``concat(a_k, t, s, z)``."""
         return cast(nn.Linear, self.net[0])
 
-    def context(self, obs: Tensor, cond: Tensor | None = None) -> Tensor:
-        """The first layer's state-and-prompt part ``W_sz [s, z] + b``, shared by a chain's K steps.
+    def state_term(self, obs: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The first layer's state-and-prompt term ``W_sz [s, z] + b``, shared by a chain's K steps.
 
         Args:
             obs: states, (B, S).
@@ -101,22 +101,22 @@ class Denoiser(nn.Module):
         w_sz = first.weight[:, self.act_dim + self.time_dim :]  # (H, S + C)
         return F.linear(torch.cat([obs, cond], dim=-1), w_sz, first.bias)  # (B, H)
 
-    def forward(self, a_k: Tensor, k: Tensor, context: Tensor) -> Tensor:
-        """Predict the noise in ``a_k``: ``eps_theta(a_k, k, s, z)`` with ``context = self.context(s, z)``.
+    def forward(self, a_k: Tensor, k: Tensor, state_term: Tensor) -> Tensor:
+        """Predict the noise in ``a_k``: ``eps_theta(a_k, k, s, z)``, given ``self.state_term(s, z)``.
 
         Args:
             a_k: noisy actions, (B, A).
             k: diffusion steps, LongTensor (B,).
-            context: :meth:`context` of the states and prompts, (B, hidden_dim).
+            state_term: :meth:`state_term` of the states and prompts, (B, hidden_dim).
 
         Returns:
             eps, (B, A).
         """
         check_last_dim("a_k", a_k, self.act_dim)
-        check_last_dim("context", context, self.hidden_dim)
+        check_last_dim("state_term", state_term, self.hidden_dim)
         t = self.time_mlp(k)  # (B, time_dim)
         w_at = self.first_layer.weight[:, : self.act_dim + self.time_dim]  # (H, A + time_dim)
-        h = torch.addmm(context, torch.cat([a_k, t], dim=-1), w_at.T)  # (B, H), the first layer
+        h = torch.addmm(state_term, torch.cat([a_k, t], dim=-1), w_at.T)  # (B, H), the first layer
         for i in range(1, len(self.net)):
             h = self.net[i](h)
         return h  # (B, A)
@@ -131,8 +131,8 @@ class TwinCritic(nn.Module):
     the ``nn.Linear`` weight of head h.
 
     Scoring many actions at the same states and prompts (action candidates, the max-Q backup), the first
-    layer splits as ``W [s, a, z] + b = W_a a + (W_sz [s, z] + b)``: :meth:`context` computes the
-    state-and-prompt part once per state and :meth:`from_context` the rest per action. Same weights and
+    layer splits as ``W [s, a, z] + b = W_a a + (W_sz [s, z] + b)``: :meth:`state_term` computes the
+    state-and-prompt term once per state and :meth:`from_state_term` the rest per action. Same weights and
     same function as :meth:`forward`, which keeps the single matmul for one action per state.
 
     Args:
@@ -182,8 +182,8 @@ class TwinCritic(nn.Module):
         """Both heads' ``Linear(S + A + C, hidden_dim)`` on ``concat(s, a, z)``."""
         return cast(StackedLinear, self.layers[0])
 
-    def context(self, obs: Tensor, cond: Tensor | None = None) -> Tensor:
-        """Both heads' first-layer state-and-prompt part ``W_sz [s, z] + b``: (B, S), (B, C) → (2, B, H).
+    def state_term(self, obs: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Both heads' first-layer state-and-prompt term ``W_sz [s, z] + b``: (B, S), (B, C) → (2, B, H).
 
         ``cond`` is ``None`` or (B, 0) when ``cond_dim == 0``.
         """
@@ -194,19 +194,19 @@ class TwinCritic(nn.Module):
         x = self._per_head(torch.cat([obs, cond], dim=-1))  # (2, B, S + C)
         return torch.baddbmm(self.first_layer.bias, x, w_sz.transpose(1, 2))
 
-    def from_context(self, act: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
-        """Both heads' values at actions (B, A), given their states' :meth:`context` (2, B, H).
+    def from_state_term(self, act: Tensor, state_term: Tensor) -> tuple[Tensor, Tensor]:
+        """Both heads' values at actions (B, A), given their states' :meth:`state_term` (2, B, H).
 
         Returns:
             ``(q1 (B,), q2 (B,))``.
         """
         check_last_dim("act", act, self.act_dim)
-        check_last_dim("context", context, self.first_layer.out_dim)
+        check_last_dim("state_term", state_term, self.first_layer.out_dim)
         w_a = self.first_layer.weight[..., self.obs_dim : self.obs_dim + self.act_dim]  # (2, H, A)
         a = self._per_head(act)  # (2, B, A)
-        # A product and an add, not baddbmm: compiled, the add (and a repeat of the context that feeds
-        # it) fuses into the activation's kernel instead of being written out (benchmarks/NOTES.md).
-        return self._heads(torch.bmm(a, w_a.transpose(1, 2)) + context)
+        # A product and an add, not baddbmm: compiled, the add (and a repeat of the term that feeds
+        # it) fuses into the activation's kernel instead of being written out.
+        return self._heads(torch.bmm(a, w_a.transpose(1, 2)) + state_term)
 
     def _per_head(self, x: Tensor) -> Tensor:
         """The same input for both heads, without a copy: (B, D) → (2, B, D)."""

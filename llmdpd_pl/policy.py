@@ -1,27 +1,35 @@
-"""The actor π_θ(a | s, z_text, z_traj) together with its prompt encoders h_ψ and g_φ.
+"""The actor π_θ(a | s, z_text, z_traj) together with its prompt encoders h_ψ and g_φ, and how it acts.
 
 These are exactly the parameters that the actor loss (Eq. 8) trains and that the EMA averages, so they
 live in one ``nn.Module``. The frozen LLM is not part of it: the policy reads cached LLM embeddings.
+
+Shapes: N states, B rows, S state dim, A action dim, C conditioning dim (z_text and z_traj concatenated;
+0 without prompts), H hidden width, K diffusion steps, n candidate actions per state, T tasks, E LLM
+width, L prompt length.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from llmdpd_pl.diffusion import GaussianDiffusion
-from llmdpd_pl.networks import Denoiser
+from llmdpd_pl.networks import Denoiser, TwinCritic
 from llmdpd_pl.prompt_encoders import TextHead, TrajectoryEncoder
+from llmdpd_pl.utils import maybe_compiled
 
 PromptMode = Literal["both", "text", "trajectory", "none"]
 
 
-class PromptedPolicy(nn.Module):
-    """Context-aware conditional policy diffusion (paper §3.2) with its prompt encoders (§3.1).
+@dataclass(frozen=True)
+class PolicySpec:
+    """The policy's architecture (the ``model.*`` keys of the same names).
 
-    Args:
+    Attributes:
         obs_dim: S.
         act_dim: A.
         text_embed_dim: E, width of the frozen LLM's pooled embedding.
@@ -36,36 +44,60 @@ class PromptedPolicy(nn.Module):
         traj_heads: Attention heads of the trajectory transformer.
     """
 
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        text_embed_dim: int,
-        traj_prompt_len: int,
-        prompts: PromptMode = "both",
-        prompt_dim: int = 64,
-        n_diffusion_steps: int = 5,
-        beta_schedule: Literal["vp", "linear"] = "vp",
-        hidden_dim: int = 256,
-        traj_d_model: int = 128,
-        traj_layers: int = 2,
-        traj_heads: int = 2,
-    ) -> None:
+    obs_dim: int
+    act_dim: int
+    text_embed_dim: int
+    traj_prompt_len: int
+    prompts: PromptMode = "both"
+    prompt_dim: int = 64
+    n_diffusion_steps: int = 5
+    beta_schedule: Literal["vp", "linear"] = "vp"
+    hidden_dim: int = 256
+    traj_d_model: int = 128
+    traj_layers: int = 2
+    traj_heads: int = 2
+
+
+class PromptedPolicy(nn.Module):
+    """Context-aware conditional policy diffusion (paper §3.2) with its prompt encoders (§3.1).
+
+    Args:
+        spec: The architecture.
+        compile: ``torch.compile`` the reverse chain and the candidates' scoring of :meth:`select_action`.
+    """
+
+    def __init__(self, spec: PolicySpec, compile: bool = False) -> None:
         super().__init__()
-        self.uses_text = prompts in ("both", "text")
-        self.uses_traj = prompts in ("both", "trajectory")
-        self.text_head = TextHead(text_embed_dim, prompt_dim) if self.uses_text else None
+        self.spec, self.compile_acting = spec, compile
+        self.uses_text = spec.prompts in ("both", "text")
+        self.uses_traj = spec.prompts in ("both", "trajectory")
+        self.text_head = TextHead(spec.text_embed_dim, spec.prompt_dim) if self.uses_text else None
         self.traj_encoder = (
             TrajectoryEncoder(
-                obs_dim, act_dim, prompt_dim, traj_prompt_len, traj_d_model, traj_layers, traj_heads
+                spec.obs_dim,
+                spec.act_dim,
+                spec.prompt_dim,
+                spec.traj_prompt_len,
+                spec.traj_d_model,
+                spec.traj_layers,
+                spec.traj_heads,
             )
             if self.uses_traj
             else None
         )
-        self.cond_dim = prompt_dim * (int(self.uses_text) + int(self.uses_traj))
-        self.act_dim = act_dim
-        self.denoiser = Denoiser(obs_dim, act_dim, self.cond_dim, hidden_dim)
-        self.diffusion = GaussianDiffusion(n_diffusion_steps, beta_schedule)
+        self.cond_dim = spec.prompt_dim * (int(self.uses_text) + int(self.uses_traj))
+        self.act_dim = spec.act_dim
+        self.denoiser = Denoiser(spec.obs_dim, spec.act_dim, self.cond_dim, spec.hidden_dim)
+        self.diffusion = GaussianDiffusion(spec.n_diffusion_steps, spec.beta_schedule)
+
+    def parameter_groups(self) -> dict[str, Iterable[nn.Parameter]]:
+        """The parameters by network (denoiser, text_head, traj_encoder), e.g. for gradient norms."""
+        groups = {"denoiser": self.denoiser.parameters()}
+        if self.text_head is not None:
+            groups["text_head"] = self.text_head.parameters()
+        if self.traj_encoder is not None:
+            groups["traj_encoder"] = self.traj_encoder.parameters()
+        return groups
 
     def encode_prompts(self, text_embedding: Tensor, traj_obs: Tensor, traj_act: Tensor) -> Tensor:
         """z = [h_ψ(M(z_text)), g_φ(z_τ)] (Eq. 1 and 3), once per task.
@@ -87,26 +119,79 @@ class PromptedPolicy(nn.Module):
             return text_embedding.new_zeros(text_embedding.shape[0], 0)
         return torch.cat(parts, dim=-1)  # (T, C)
 
-    def context(self, obs: Tensor, cond: Tensor) -> Tensor:
-        """The denoiser's state-and-prompt part ``W_sz [s, z] + b``: (B, S), (B, C) → (B, H).
+    def state_term(self, obs: Tensor, z: Tensor) -> Tensor:
+        """The denoiser's first-layer state-and-prompt term ``W_sz [s, z] + b``: (B, S), (B, C) → (B, H).
 
         It depends on neither a^k nor k, so every denoiser pass on the same states and prompts shares it:
         a chain's K steps, and Eq. 5's pass in the actor objective.
         """
-        return self.denoiser.context(obs, cond)
+        return self.denoiser.state_term(obs, z)
 
-    def eps(self, a_k: Tensor, k: Tensor, context: Tensor) -> Tensor:
-        """ε_θ(a^k, k, s, z): (B, A), (B,), :meth:`context` (B, H) → (B, A)."""
-        return self.denoiser(a_k, k, context)
+    def eps(self, a_k: Tensor, k: Tensor, state_term: Tensor) -> Tensor:
+        """ε_θ(a^k, k, s, z): (B, A), (B,), :meth:`state_term` (B, H) → (B, A)."""
+        return self.denoiser(a_k, k, state_term)
 
-    def sample(self, obs: Tensor, cond: Tensor, noise: Tensor) -> Tensor:
+    def sample(self, obs: Tensor, z: Tensor, noise: Tensor) -> Tensor:
         """a⁰ ~ π_θ(· | s, z) through the full reverse chain (Eq. 4): (B, S), (B, C) → (B, A).
 
         ``noise`` is the chain's randomness, ``self.diffusion.chain_noise((B, A), generator)``,
         (K + 1, B, A).
         """
-        return self.sample_from_context(self.context(obs, cond), noise)
+        return self.sample_from_state_term(self.state_term(obs, z), noise)
 
-    def sample_from_context(self, context: Tensor, noise: Tensor) -> Tensor:
-        """:meth:`sample` given the states' and prompts' :meth:`context` (B, H), shared by the K steps."""
-        return self.diffusion.sample(lambda a_k, k: self.denoiser(a_k, k, context), noise)
+    def sample_from_state_term(self, state_term: Tensor, noise: Tensor) -> Tensor:
+        """:meth:`sample` given the states' and prompts' :meth:`state_term` (B, H), shared by the K steps."""
+        return self.diffusion.sample(lambda a_k, k: self.denoiser(a_k, k, state_term), noise)
+
+    @torch.no_grad()
+    def select_action(
+        self,
+        obs: Tensor,
+        z: Tensor,
+        generator: torch.Generator | None = None,
+        critic: TwinCritic | None = None,
+        critic_z: Tensor | None = None,
+        n_candidates: int = 1,
+    ) -> Tensor:
+        """Actions for normalised states: (N, S), (N, C) → (N, A) in [-1, 1].
+
+        Without a critic, one reverse chain per state. With one (``q_softmax``, Diffusion-QL's evaluation),
+        ``n_candidates`` chains per state, and candidate j is picked with probability
+        ``softmax_j(min(Q1, Q2))``, the critics conditioned on ``critic_z`` (N, C).
+        """
+        if critic is None:
+            noise = self.diffusion.chain_noise((len(obs), self.act_dim), generator, obs.device)
+            return maybe_compiled(PromptedPolicy.sample, self.compile_acting)(self, obs, z, noise)
+        if critic_z is None:
+            raise ValueError("select_action: critic_z is required with a critic")
+        noise = self.diffusion.chain_noise((len(obs) * n_candidates, self.act_dim), generator, obs.device)
+        score = maybe_compiled(scored_candidates, self.compile_acting)
+        cand, q1, q2 = score(self, critic, obs, z, critic_z, noise)  # (N·n, A), (N, n), (N, n)
+        pick = torch.multinomial(torch.softmax(torch.minimum(q1, q2), dim=1), 1, generator=generator)
+        return cand.view(len(obs), n_candidates, -1)[torch.arange(len(obs), device=obs.device), pick[:, 0]]
+
+
+def scored_candidates(
+    policy: PromptedPolicy, critic: TwinCritic, obs: Tensor, z: Tensor, critic_z: Tensor, noise: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """n actions per state from the policy's reverse chain, and both critic heads' values of each.
+
+    (N, S), (N, C), (N, C), chain noise (K + 1, N·n, A) → candidates (N·n, A), Q1 and Q2 (N, n) each;
+    row i·n + j is candidate j of state i. The denoiser's and the critics' state-and-prompt terms are
+    computed once per state and shared by its n candidates. Used by ``q_softmax`` acting and by the
+    critic objective's targets (n > 1: the max-Q backup).
+    """
+    n = noise.shape[1] // obs.shape[0]
+    if n < 1 or noise.shape[1] != n * obs.shape[0]:
+        raise ValueError(
+            f"noise must have n >= 1 rows per state, N·n rows for N = {obs.shape[0]} states; "
+            f"got shape {tuple(noise.shape)}"
+        )
+    state_term = policy.state_term(obs, z).repeat_interleave(n, 0)  # (N·n, H)
+    cand = policy.sample_from_state_term(state_term, noise)  # (N·n, A)
+    critic_term = critic.state_term(obs, critic_z).repeat_interleave(n, 1)  # (2, N·n, H)
+    q1, q2 = critic.from_state_term(cand, critic_term)  # (N·n,) each
+    return cand, q1.view(-1, n), q2.view(-1, n)
+
+
+__all__ = ["PolicySpec", "PromptMode", "PromptedPolicy", "scored_candidates"]

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
 
-from llmdpd_pl.envs import make_env
-from llmdpd_pl.evaluation import LayoutReset, PolicyFn, layout_seed
+from llmdpd_pl.envs import LayoutReset, layout_seed, make_env
+from llmdpd_pl.rollouts import PolicyFn
 
 #: The cameras defined in Meta-World's scene (``xyz_base.xml``).
 CameraName = Literal["corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV"]

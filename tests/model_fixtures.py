@@ -20,8 +20,9 @@ from torch import Tensor
 
 from llmdpd_pl.data.batches import Transitions
 from llmdpd_pl.data.collect import DatasetSpec
-from llmdpd_pl.data.datamodule import PromptedOfflineDataModule, TaskPrompts
+from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.module import LLMDPDModule
+from llmdpd_pl.task_bank import TaskPrompts
 
 SEEN = ["reach", "push"]  # as in conftest's session collection
 UNSEEN = ["box-close"]
@@ -107,13 +108,13 @@ def make_trainer(root: Path, updates: int, **overrides: Any) -> L.Trainer:
     return L.Trainer(**kwargs)
 
 
-def context_module(data: ModelData, **overrides: Any) -> tuple[LLMDPDModule, PromptedOfflineDataModule]:
-    """A tiny module with the real task context, without a trainer (for direct calls)."""
+def bank_module(data: ModelData, **overrides: Any) -> tuple[LLMDPDModule, PromptedOfflineDataModule]:
+    """A tiny module with the real task bank, without a trainer (for direct calls)."""
     dm = make_datamodule(data)
     dm.setup("fit")
     module = make_module(dm, **overrides)
     assert dm.task_prompts is not None
-    module.context.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
+    module.task_bank.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
     return module, dm
 
 

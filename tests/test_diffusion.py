@@ -321,15 +321,15 @@ def test_diffusion_bc_learns_bimodal_actions() -> None:
         sign = torch.randint(0, 2, (batch, 1), generator=g).float() * 2 - 1
         a0 = MODE * sign + 0.02 * torch.randn(batch, 1, generator=g)  # (B, 1)
         a_k, k, noise = d.loss_inputs(a0, generator=g)
-        loss = nn.functional.mse_loss(net(a_k, k, net.context(obs)), noise)
+        loss = nn.functional.mse_loss(net(a_k, k, net.state_term(obs)), noise)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
     n = 2000
     with torch.no_grad():
-        context = net.context(torch.zeros(n, 1))
-        samples = d.sample(lambda a, k: net(a, k, context), d.chain_noise((n, 1), generator=g)).squeeze(-1)
+        term = net.state_term(torch.zeros(n, 1))
+        samples = d.sample(lambda a, k: net(a, k, term), d.chain_noise((n, 1), generator=g)).squeeze(-1)
     pos, neg, zero = _mode_fractions(samples)
     assert pos >= 0.3 and neg >= 0.3, (pos, neg, zero)
     assert zero < 0.2, (pos, neg, zero)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ import torch
 from torch import Tensor
 
 from llmdpd_pl.callbacks.ema import ActorEMA
+from llmdpd_pl.objectives import critic_objective, draw
 from tests.model_fixtures import (
     ModelData,
-    context_module,
+    bank_module,
     make_datamodule,
     make_module,
     make_trainer,
@@ -108,7 +110,7 @@ def test_ema_state_is_checkpointed_and_restored(model_data: ModelData, tmp_path:
 
 
 def test_q_targets_come_from_the_ema_actor(model_data: ModelData) -> None:
-    module, dm = context_module(model_data)
+    module, dm = bank_module(model_data)
     assert module.ema_policy is module.policy  # no callback attached: the online actor
     ema_copy = make_module(dm).policy
     ema_copy.load_state_dict(module.policy.state_dict())
@@ -116,15 +118,17 @@ def test_q_targets_come_from_the_ema_actor(model_data: ModelData) -> None:
     assert module.ema_policy is ema_copy
 
     assert dm.stream is not None
-    batch = dm.stream.sample(0)
-    obs, next_obs = module.context.normalize(batch.obs), module.context.normalize(batch.next_obs)
-    index = torch.zeros(module.context.n_seen, dtype=torch.long)
-    prompts = module.context.prompts(torch.arange(module.context.n_seen), index)
+    raw, bank = dm.stream.sample(0), module.task_bank
+    batch = replace(raw, obs=bank.normalize(raw.obs), next_obs=bank.normalize(raw.next_obs))
+    index = torch.zeros(bank.n_seen, dtype=torch.long)
+    prompts = bank.prompts(torch.arange(bank.n_seen), index)
 
     def target() -> Tensor:
-        gen = torch.Generator().manual_seed(0)
+        module.ema_updated()  # the weights below change in place, not through ActorEMA
+        draws = draw(module.policy.diffusion, batch.action, 1, torch.Generator().manual_seed(0))
         z, ema_z = module.policy.encode_prompts(*prompts), module.ema_prompt_embeddings(index)
-        return module.critic_losses(batch, obs, next_obs, z, ema_z, gen).target_mean
+        args = (module.critic, module.critic_target, module.ema_policy, batch, z, ema_z, draws, 0.99)
+        return critic_objective(*args).target_mean
 
     base = target()
     with torch.no_grad():  # change the online denoiser only: the target must not move
@@ -143,37 +147,60 @@ def test_q_targets_come_from_the_ema_actor(model_data: ModelData) -> None:
 
 
 def test_ema_prompt_embeddings_are_recomputed_exactly_when_the_ema_changes(model_data: ModelData) -> None:
-    """The cached table of the EMA's z equals a fresh encoding, before and after every kind of change."""
-    module, dm = context_module(model_data)
+    """The cached table of the EMA's z equals a fresh encoding, before and after each write it is told of."""
+    module, dm = bank_module(model_data)
     ema = make_module(dm).policy
     ema.load_state_dict(module.policy.state_dict())
     module.attach_ema(ema)
-    n_prompts = module.context.n_prompts
+    n_prompts = module.task_bank.n_prompts
     assert n_prompts > 1
-    seen = torch.arange(module.context.n_seen)
+    seen = torch.arange(module.task_bank.n_seen)
 
     def check(index: Tensor) -> Tensor:
         got = module.ema_prompt_embeddings(index)
         with torch.no_grad():
-            want = ema.encode_prompts(*module.context.prompts(seen, index))
+            want = ema.encode_prompts(*module.task_bank.prompts(seen, index))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         return got
 
-    first = torch.zeros(module.context.n_seen, dtype=torch.long)
-    last = torch.full((module.context.n_seen,), n_prompts - 1)
+    first = torch.zeros(module.task_bank.n_seen, dtype=torch.long)
+    last = torch.full((module.task_bank.n_seen,), n_prompts - 1)
     check(first)
-    table = module._ema_z_table
+    table = module._ema_z
     check(last)
-    assert module._ema_z_table is table  # no write in between: gathered from the same table
-    with torch.no_grad():  # an EMA write (as ActorEMA's copy or average)
+    assert module._ema_z is table  # no write in between: gathered from the same table
+    with torch.no_grad():  # an EMA write (as ActorEMA's copy or average), then ActorEMA's notice
         torch._foreach_lerp_(list(ema.parameters()), [p + 1.0 for p in ema.parameters()], 0.5)
-    assert not torch.equal(check(last), table[2][seen, last])
-    table = module._ema_z_table
-    with torch.no_grad():  # new prompt data in place
-        module.context.traj_obs_bank.mul_(2.0)
-    assert not torch.equal(check(first), table[2][seen, first])
-    ema.load_state_dict(module.policy.state_dict())  # a checkpoint-style load
+    module.ema_updated()
+    assert table is not None and not torch.equal(check(last), table[seen, last])
+    ema.load_state_dict(module.policy.state_dict())  # a checkpoint-style load, then its notice
+    module.on_load_checkpoint({})
     check(first)
+
+
+def test_actor_ema_tells_the_module_when_it_writes(model_data: ModelData) -> None:
+    """Between ActorEMA's writes the module's table of the EMA's z stays; after one it is fresh."""
+    module, _ = bank_module(model_data)
+    ema = ActorEMA(decay=0.5, start=0, every=2)
+    ema.setup(None, module, "fit")  # type: ignore[arg-type]
+    assert ema.averaged is not None and module.ema_policy is ema.averaged.module
+    index = torch.zeros(module.task_bank.n_seen, dtype=torch.long)
+    before = module.ema_prompt_embeddings(index)
+    table = module._ema_z
+    with torch.no_grad():
+        for p in module.policy.traj_encoder.parameters():  # type: ignore[union-attr]
+            p.mul_(1.5)
+    module.updates = 1  # (1 - start) % every != 0: no write
+    ema.on_train_batch_end(None, module, None, None, 0)  # type: ignore[arg-type]
+    assert module._ema_z is table
+    module.updates = 2  # a write: the EMA moves halfway to the changed policy
+    ema.on_train_batch_end(None, module, None, None, 0)  # type: ignore[arg-type]
+    after = module.ema_prompt_embeddings(index)
+    seen = torch.arange(module.task_bank.n_seen)
+    with torch.no_grad():
+        want = ema.averaged.module.encode_prompts(*module.task_bank.prompts(seen, index))
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(after, before)
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [({"decay": 1.0}, "decay"), ({"start": -1}, "start"),

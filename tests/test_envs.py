@@ -17,7 +17,9 @@ from llmdpd_pl.envs import (
     ENV_ID,
     METAWORLD_TASKS,
     OBS_DIM,
+    LayoutReset,
     check_task_names,
+    layout_seed,
     make_env,
     make_metaworld,
     register_envs,
@@ -165,3 +167,23 @@ def test_recover_environment_replays_a_collected_episode(
             assert reward == episode.rewards[t]
     finally:
         env.close()
+
+
+SEED = 0
+
+
+def test_layout_reset_picks_layout_by_seed_mod_50() -> None:
+    env = LayoutReset(make_env("reach", seed=layout_seed(SEED, "reach")))
+    try:
+        first = {i: env.reset(seed=i)[0] for i in (3, 4, 53)}
+        np.testing.assert_array_equal(first[3], first[53])  # layout i mod 50
+        assert not np.array_equal(first[3], first[4])  # another layout
+        env.reset(seed=3)
+        np.testing.assert_array_equal(env.reset()[0], first[3])  # reset() keeps the layout
+    finally:
+        env.close()
+
+
+def test_eval_layouts_depend_on_seed_and_task() -> None:
+    assert layout_seed(0, "reach") == layout_seed(0, "reach")
+    assert len({layout_seed(0, "reach"), layout_seed(1, "reach"), layout_seed(0, "push")}) == 3

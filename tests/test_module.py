@@ -8,7 +8,7 @@ unseen, MiniLM text embeddings), except the learning test, which builds a 1-step
 from __future__ import annotations
 
 import copy
-from dataclasses import fields
+from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,15 +20,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from llmdpd_pl.callbacks.ema import ActorEMA
+from llmdpd_pl.callbacks.rollout_evaluation import act, act_conditioned, task_conditioning
 from llmdpd_pl.data.batches import Batch, BatchStream
-from llmdpd_pl.module import LLMDPDModule, clip_grad_norms
-from llmdpd_pl.objectives import actor_objective, scored_candidates
-from llmdpd_pl.policy import PromptedPolicy
+from llmdpd_pl.module import LLMDPDModule
+from llmdpd_pl.objectives import actor_objective, critic_objective, draw
+from llmdpd_pl.policy import scored_candidates
+from llmdpd_pl.utils import clip_grad_norms, maybe_compiled
 from tests.model_fixtures import (
     ModelData,
     bandit_data,
     bandit_prompts,
-    context_module,
+    bank_module,
     make_datamodule,
     make_module,
     make_trainer,
@@ -123,39 +125,43 @@ def test_critic_step_leaves_actor_and_actor_step_leaves_critic(model_data: Model
 
 
 # ----------------------------------------------------------------------------- gradient flow
+def _normalized(module: LLMDPDModule, batch: Batch) -> Batch:
+    bank = module.task_bank
+    return replace(batch, obs=bank.normalize(batch.obs), next_obs=bank.normalize(batch.next_obs))
+
+
 def _actor_losses(module: LLMDPDModule, dm: Any) -> Any:
-    batch = dm.stream.sample(0)
-    gen = torch.Generator().manual_seed(0)
-    seen = torch.arange(module.context.n_seen)
-    prompts = module.context.prompts(seen, torch.zeros_like(seen))
-    z = module.policy.encode_prompts(*prompts)
-    losses, _ = module.actor_losses(batch, module.context.normalize(batch.obs), z, gen)
+    batch = _normalized(module, dm.stream.sample(0))
+    draws = draw(module.policy.diffusion, batch.action, 1, torch.Generator().manual_seed(0))
+    seen = torch.arange(module.task_bank.n_seen)
+    z = module.policy.encode_prompts(*module.task_bank.prompts(seen, torch.zeros_like(seen)))
+    losses, _ = actor_objective(module.policy, module.critic, batch, z, draws, module.hparams["eta"])
     return losses
 
 
 @pytest.mark.parametrize("term", ["bc_loss", "q_loss", "loss"])
 def test_actor_loss_reaches_text_head_and_trajectory_encoder(model_data: ModelData, term: str) -> None:
-    module, dm = context_module(model_data)
+    module, dm = bank_module(model_data)
     getattr(_actor_losses(module, dm), term).backward()
     for part in (module.policy.text_head, module.policy.traj_encoder, module.policy.denoiser):
         assert part is not None
         grads = [p.grad for p in part.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert sum(g.abs().sum().item() for g in grads) > 0  # type: ignore[union-attr]
-    assert module.context.text_bank.grad is None
+    assert module.task_bank.text_bank.grad is None
 
 
 def test_module_holds_no_llm(model_data: ModelData) -> None:
     from transformers import PreTrainedModel
 
-    module, dm = context_module(model_data)
+    module, dm = bank_module(model_data)
     assert not any(isinstance(m, PreTrainedModel) for m in module.modules())
     assert not any(type(m).__module__.startswith("transformers") for m in module.modules())
     # The LLM's output enters only as the (T, E) text bank: a buffer, not a parameter, without grad.
-    assert "context.text_bank" in dict(module.named_buffers())
+    assert "task_bank.text_bank" in dict(module.named_buffers())
     assert "text_bank" not in dict(module.named_parameters())
-    assert not module.context.text_bank.requires_grad
-    assert module.context.text_bank.shape == (len(dm.task_names), dm.text_embed_dim)
+    assert not module.task_bank.text_bank.requires_grad
+    assert module.task_bank.text_bank.shape == (len(dm.task_names), dm.text_embed_dim)
     # MiniLM alone has 22.7 M parameters; this tiny model is far below that.
     assert sum(p.numel() for p in module.parameters()) < 2_000_000
 
@@ -222,7 +228,7 @@ def test_update_in_a_plain_loop_matches_fit(model_data: ModelData, tmp_path: Pat
     record = _Batches()
     make_trainer(tmp_path, 3, callbacks=[record]).fit(fitted, datamodule=dm)
     assert dm.task_prompts is not None
-    plain.context.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
+    plain.task_bank.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
     (critic_opt, actor_opt), _ = plain.configure_optimizers()
     before = _snapshot(plain)
     for batch in record.batches:
@@ -248,7 +254,7 @@ def test_logging_steps_log_losses_norms_and_action_statistics(model_data: ModelD
 def test_training_without_task_context_fails_clearly(tmp_path: Path) -> None:
     module = LLMDPDModule(2, 1, 8, 3, prompts="none", hidden_dim=32)
     stream = BatchStream(bandit_data(64), 16, 1, 0, 0, "proportional")
-    with pytest.raises(RuntimeError, match="context.fill"):
+    with pytest.raises(RuntimeError, match="task_bank.fill"):
         make_trainer(tmp_path, 1).fit(module, train_dataloaders=stream)
 
 
@@ -261,7 +267,7 @@ def _bandit_policy_actions(root: Path, eta: float, updates: int = 100) -> Tensor
         actor_optimizer=partial(torch.optim.Adam, lr=1e-3),
         critic_optimizer=partial(torch.optim.Adam, lr=1e-3),
     )
-    module.context.fill(bandit_prompts(), torch.zeros(2), torch.ones(2), n_seen=1)
+    module.task_bank.fill(bandit_prompts(), torch.zeros(2), torch.ones(2), n_seen=1)
     make_trainer(root, updates).fit(module, train_dataloaders=stream)
     with torch.no_grad():  # the online (EMA-free) policy
         noise = module.policy.diffusion.chain_noise((1000, 1), torch.Generator().manual_seed(0))
@@ -298,13 +304,13 @@ def test_prompt_modes_build_and_train(model_data: ModelData, tmp_path: Path, pro
 # ----------------------------------------------------------------------------- acting
 @pytest.mark.parametrize("selection", ["sample", "q_softmax"])
 def test_act_shape_bounds_and_reproducibility(model_data: ModelData, selection: str) -> None:
-    module, dm = context_module(model_data, action_selection=selection)
+    module, dm = bank_module(model_data, action_selection=selection)
     assert dm.transitions is not None
     obs = dm.transitions.obs[:12]  # (N, S) raw states
     tasks = torch.tensor([0, 1, 2] * 4)  # seen and unseen tasks mixed
-    a1 = module.act(obs, tasks, generator=torch.Generator().manual_seed(0))
-    a2 = module.act(obs, tasks, generator=torch.Generator().manual_seed(0))
-    a3 = module.act(obs, tasks, generator=torch.Generator().manual_seed(1))
+    a1 = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
+    a2 = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
+    a3 = act(module, obs, tasks, generator=torch.Generator().manual_seed(1))
     assert a1.shape == (12, dm.act_dim)
     assert a1.abs().max() <= 1.0
     assert torch.equal(a1, a2)
@@ -319,16 +325,16 @@ def test_q_softmax_picks_the_candidate_of_highest_clipped_double_q(model_data: M
     values spread over thousands.
     """
     torch.manual_seed(0)
-    module, dm = context_module(model_data, action_selection="q_softmax", n_action_candidates=8)
+    module, dm = bank_module(model_data, action_selection="q_softmax", n_action_candidates=8)
     assert dm.transitions is not None
     obs, tasks = dm.transitions.obs[:12], torch.tensor([0, 1, 2] * 4)  # (N, S) raw, (N,)
-    cond, critic_cond = (c[tasks] for c in module.task_conditioning(torch.arange(3)))
+    cond, critic_cond = (c[tasks] for c in task_conditioning(module, torch.arange(3)))
 
     def candidates() -> tuple[Tensor, Tensor, Tensor]:
         gen = torch.Generator().manual_seed(0)
         noise = module.ema_policy.diffusion.chain_noise((12 * 8, dm.act_dim), gen)  # act's first draw
         return scored_candidates(
-            module.ema_policy, module.critic_target, module.context.normalize(obs), cond, critic_cond, noise
+            module.ema_policy, module.critic_target, module.task_bank.normalize(obs), cond, critic_cond, noise
         )  # (N·8, A), (N, 8), (N, 8)
 
     with torch.no_grad():  # centre each head on these candidates, then scale: the heads' orders cross
@@ -342,7 +348,7 @@ def test_q_softmax_picks_the_candidate_of_highest_clipped_double_q(model_data: M
     assert not torch.equal(best, q1.argmax(dim=1)) and not torch.equal(best, q2.argmax(dim=1))
     assert (q.amax(dim=1) - q.amin(dim=1)).min() > 1000
 
-    picked = module.act_conditioned(obs, cond, critic_cond, torch.Generator().manual_seed(0))  # (N, A)
+    picked = act_conditioned(module, obs, cond, critic_cond, torch.Generator().manual_seed(0))  # (N, A)
     same = (cand.view(12, 8, -1) - picked[:, None]).abs().amax(dim=-1) < 1e-6  # (N, 8): the picked candidate
     assert same.any(dim=1).all()
     q_picked = q.masked_fill(~same, -torch.inf).amax(dim=1)  # (N,)
@@ -355,9 +361,9 @@ def test_act_uses_ema_policy(model_data: ModelData, tmp_path: Path) -> None:
                      module_kw={"action_selection": "sample"})
     assert ema.averaged is not None and module.ema_policy is ema.averaged.module
     obs, tasks = torch.zeros(4, module.hparams.obs_dim), torch.zeros(4, dtype=torch.long)
-    a_ema = module.act(obs, tasks, generator=torch.Generator().manual_seed(0))
+    a_ema = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
     module._ema = ()  # detach the EMA: act falls back to the online policy
-    a_online = module.act(obs, tasks, generator=torch.Generator().manual_seed(0))
+    a_online = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(a_ema, a_online)
 
 
@@ -434,35 +440,36 @@ def test_resume_matches_uninterrupted_run(model_data: ModelData, tmp_path: Path,
 @pytest.mark.slow
 def test_compiled_objectives_match_eager(model_data: ModelData) -> None:
     """compile=True runs the same objectives and acting: same losses, gradients, actions, up to rounding."""
-    module, dm = context_module(model_data)
+    module, dm = bank_module(model_data)
     assert dm.stream is not None
-    batch = dm.stream.sample(0)
-    obs, next_obs = module.context.normalize(batch.obs), module.context.normalize(batch.next_obs)
-    index = torch.zeros(module.context.n_seen, dtype=torch.long)
-    prompts = module.context.prompts(torch.arange(module.context.n_seen), index)
+    raw = dm.stream.sample(0)
+    batch = _normalized(module, raw)
+    seen = torch.arange(module.task_bank.n_seen)
+    index = torch.zeros_like(seen)
 
     def losses_and_grads() -> tuple[list[Tensor], list[Tensor]]:
         module.zero_grad(set_to_none=True)
-        z, ema_z = module._encode_prompts(module.policy, *prompts), module.ema_prompt_embeddings(index)
-        c = module.critic_losses(batch, obs, next_obs, z, ema_z, torch.Generator().manual_seed(0))
+        compile_ = module.hparams["compile"]
+        critic = maybe_compiled(critic_objective, compile_)
+        actor = maybe_compiled(actor_objective, compile_)
+        z, ema_z = module.encode_prompts(module.policy, seen, index), module.ema_prompt_embeddings(index)
+        draws = draw(module.policy.diffusion, batch.action, 1, torch.Generator().manual_seed(0))
+        c = critic(module.critic, module.critic_target, module.ema_policy, batch, z, ema_z, draws, 0.99)
         c.loss.backward()
         module.critic.requires_grad_(False)
-        a, a_new = module.actor_losses(batch, obs, z, torch.Generator().manual_seed(1))
+        a, a_new = actor(module.policy, module.critic, batch, z, draws, module.hparams["eta"])
         a.loss.backward()
         module.critic.requires_grad_(True)
         grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
         actions = []
         for selection in ("sample", "q_softmax"):
             module.hparams["action_selection"] = selection
-            actions.append(module.act(batch.obs, batch.task_id, generator=torch.Generator().manual_seed(2)))
+            actions.append(act(module, raw.obs, raw.task_id, generator=torch.Generator().manual_seed(2)))
         return [z, ema_z, c.loss, c.target_mean, a.bc_loss, a.q_loss, a_new, *actions], grads
 
     eager_values, eager_grads = losses_and_grads()
-    module.hparams["compile"] = True
-    module.configure_model()
-    module._ema_z_table = None  # re-encode the EMA table through the compiled encoder too
-    assert module._actor_objective is not actor_objective  # the compiled wrappers
-    assert module._sample is not PromptedPolicy.sample
+    module.hparams["compile"] = module.ema_policy.compile_acting = True
+    module.ema_updated()  # re-encode the EMA table through the compiled encoder too
     values, grads = losses_and_grads()
     assert len(grads) == len(eager_grads) > 0
     # Fused generated kernels vs eager ATen ops: float32 rounding of O(1) values through ~6 layers.

@@ -16,7 +16,7 @@ B, S, A, C = 5, 4, 3, 6
 def test_denoiser_shapes_and_grads() -> None:
     torch.manual_seed(0)
     net = Denoiser(S, A, C, hidden_dim=32)
-    context = net.context(torch.randn(B, S), torch.randn(B, C))
+    context = net.state_term(torch.randn(B, S), torch.randn(B, C))
     assert context.shape == (B, 32)
     eps = net(torch.randn(B, A), torch.randint(0, 5, (B,)), context)
     assert eps.shape == (B, A)
@@ -30,7 +30,7 @@ def test_denoiser_split_first_layer_equals_one_linear_on_the_concatenation() -> 
     net = Denoiser(S, A, C, hidden_dim=32)
     a, k, s, z = torch.randn(B, A), torch.randint(0, 5, (B,)), torch.randn(B, S), torch.randn(B, C)
     reference = net.net(torch.cat([a, net.time_mlp(k), s, z], dim=-1))
-    torch.testing.assert_close(net(a, k, net.context(s, z)), reference, atol=KERNEL_TOL, rtol=KERNEL_TOL)
+    torch.testing.assert_close(net(a, k, net.state_term(s, z)), reference, atol=KERNEL_TOL, rtol=KERNEL_TOL)
 
 
 def test_denoiser_matches_diffusion_ql_layout() -> None:
@@ -50,15 +50,15 @@ def test_denoiser_matches_diffusion_ql_layout() -> None:
 def test_denoiser_without_conditioning() -> None:
     net = Denoiser(S, A, 0, hidden_dim=32)
     a, k, s = torch.randn(B, A), torch.randint(0, 5, (B,)), torch.randn(B, S)
-    out_empty = net(a, k, net.context(s, torch.zeros(B, 0)))
-    out_none = net(a, k, net.context(s))
+    out_empty = net(a, k, net.state_term(s, torch.zeros(B, 0)))
+    out_none = net(a, k, net.state_term(s))
     assert out_empty.shape == (B, A)
     assert torch.equal(out_empty, out_none)
     with pytest.raises(ValueError, match="cond"):
-        Denoiser(S, A, C, hidden_dim=32).context(s)
+        Denoiser(S, A, C, hidden_dim=32).state_term(s)
     with pytest.raises(ValueError, match="obs"):
-        net.context(torch.randn(B, S + 1))
-    with pytest.raises(ValueError, match="context"):
+        net.state_term(torch.randn(B, S + 1))
+    with pytest.raises(ValueError, match="state_term"):
         net(a, k, torch.randn(B, 31))
 
 
@@ -77,9 +77,9 @@ def test_twin_critic_split_first_layer_equals_forward(cond_dim: int) -> None:
     torch.manual_seed(0)
     critic = TwinCritic(S, A, cond_dim, hidden_dim=32)
     obs, act, cond = torch.randn(B, S), torch.randn(B, A), torch.randn(B, cond_dim)
-    context = critic.context(obs, cond)
+    context = critic.state_term(obs, cond)
     assert context.shape == (2, B, 32)
-    split, whole = critic.from_context(act, context), critic(obs, act, cond)
+    split, whole = critic.from_state_term(act, context), critic(obs, act, cond)
     for q_split, q_whole in zip(split, whole, strict=True):
         torch.testing.assert_close(q_split, q_whole, atol=KERNEL_TOL, rtol=KERNEL_TOL)
     w = torch.randn(2, B)
@@ -88,10 +88,10 @@ def test_twin_critic_split_first_layer_equals_forward(cond_dim: int) -> None:
     ]
     for g_split, g_whole in zip(*grads, strict=True):
         torch.testing.assert_close(g_split, g_whole, atol=KERNEL_TOL, rtol=KERNEL_TOL)
-    with pytest.raises(ValueError, match="context"):
-        critic.from_context(act, torch.randn(2, B, 31))
+    with pytest.raises(ValueError, match="state_term"):
+        critic.from_state_term(act, torch.randn(2, B, 31))
     with pytest.raises(ValueError, match="act"):
-        critic.from_context(torch.randn(B, A + 1), context)
+        critic.from_state_term(torch.randn(B, A + 1), context)
 
 
 def test_twin_critic_matches_per_head_reference() -> None:

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmdpd_pl.data.batches import Batch
 from llmdpd_pl.losses import actor_q_term, diffusion_loss
 from llmdpd_pl.networks import TwinCritic
-from llmdpd_pl.objectives import actor_objective, critic_objective, scored_candidates
-from llmdpd_pl.policy import PromptedPolicy
+from llmdpd_pl.objectives import Draws, actor_objective, critic_objective
+from llmdpd_pl.policy import PolicySpec, PromptedPolicy, scored_candidates
 
 # The same float32 computation on batches of different sizes (row-wise references): a few ulps.
 ROW_TOL = 1e-5
@@ -28,7 +29,7 @@ GAMMA = 0.9
 
 def _nets(seed: int = 0) -> tuple[PromptedPolicy, TwinCritic, TwinCritic]:
     torch.manual_seed(seed)
-    policy = PromptedPolicy(S, A, E, L, "both", 4, K, "vp", 32, 16, 1, 2)
+    policy = PromptedPolicy(PolicySpec(S, A, E, L, "both", 4, K, "vp", 32, 16, 1, 2))
     critic = TwinCritic(S, A, policy.cond_dim, 32)
     target = copy.deepcopy(critic).requires_grad_(False)
     for p in target.parameters():  # a target that differs from the online critic
@@ -50,16 +51,28 @@ def _cond(policy: PromptedPolicy, gen: torch.Generator) -> Tensor:
     return torch.randn(T, policy.cond_dim, generator=gen)
 
 
-def _inputs(gen: torch.Generator) -> dict[str, Tensor]:
-    """A batch, keyed by the objectives' argument names."""
-    return {
-        "task_id": torch.randint(T, (B,), generator=gen),
-        "obs": torch.randn(B, S, generator=gen),
-        "action": torch.rand(B, A, generator=gen) * 2 - 1,
-        "reward": torch.randn(B, generator=gen),
-        "not_done": (torch.rand(B, generator=gen) > 0.3).float(),
-        "next_obs": torch.randn(B, S, generator=gen),
-    }
+def _inputs(gen: torch.Generator) -> Batch:
+    """A batch of normalised states."""
+    task_id = torch.randint(T, (B,), generator=gen)
+    obs = torch.randn(B, S, generator=gen)
+    action = torch.rand(B, A, generator=gen) * 2 - 1
+    reward = torch.randn(B, generator=gen)
+    not_done = (torch.rand(B, generator=gen) > 0.3).float()
+    next_obs = torch.randn(B, S, generator=gen)
+    return Batch(obs, action, reward, next_obs, not_done, task_id)
+
+
+def _critic_draws(target_noise: Tensor) -> Draws:
+    """Draws with only the critic objective's part set."""
+    unused = torch.zeros(())
+    return Draws(target_noise, unused, unused, unused, unused, torch.tensor(True))
+
+
+def _actor_draws(gen: torch.Generator, x: Batch, policy: PromptedPolicy, pick_first: bool) -> Draws:
+    """Draws with only the actor objective's part set, in the update's order."""
+    a_k, k, eps = policy.diffusion.loss_inputs(x.action, gen)
+    chain = policy.diffusion.chain_noise((B, A), gen)
+    return Draws(torch.zeros(()), a_k, k, eps, chain, torch.tensor(pick_first))
 
 
 def test_scored_candidates_are_n_chains_per_state_and_both_heads_values() -> None:
@@ -94,18 +107,18 @@ def test_critic_objective_is_eq6_with_the_max_q_backup_per_row(n_backup: int) ->
     z, ema_z, x = _cond(policy, gen), _cond(policy, gen), _inputs(gen)
     noise = policy.diffusion.chain_noise((B * n_backup, A), gen)  # (K + 1, B·n, A)
 
-    losses = critic_objective(critic, target, ema, z, ema_z, **x, target_noise=noise, gamma=GAMMA)
+    losses = critic_objective(critic, target, ema, x, z, ema_z, _critic_draws(noise), GAMMA)
 
     with torch.no_grad():
         y = torch.empty(B)
         for i in range(B):
-            t = x["task_id"][i]
+            t = x.task_id[i]
             rows = slice(i * n_backup, (i + 1) * n_backup)
-            s_next = x["next_obs"][i].expand(n_backup, S)
+            s_next = x.next_obs[i].expand(n_backup, S)
             a_next = ema.sample(s_next, ema_z[t].expand(n_backup, -1), noise[:, rows])  # (n, A)
             q1n, q2n = target(s_next, a_next, z[t].expand(n_backup, -1))
-            y[i] = x["reward"][i] + GAMMA * x["not_done"][i] * torch.minimum(q1n.max(), q2n.max())
-    q1, q2 = critic(x["obs"], x["action"], z.detach()[x["task_id"]])
+            y[i] = x.reward[i] + GAMMA * x.not_done[i] * torch.minimum(q1n.max(), q2n.max())
+    q1, q2 = critic(x.obs, x.action, z.detach()[x.task_id])
     torch.testing.assert_close(losses.target_mean, y.mean(), atol=ROW_TOL, rtol=ROW_TOL)
     torch.testing.assert_close(losses.loss, F.mse_loss(q1, y) + F.mse_loss(q2, y), atol=ROW_TOL, rtol=ROW_TOL)
     torch.testing.assert_close(losses.q1_mean, q1.mean())
@@ -119,7 +132,7 @@ def test_critic_objective_trains_the_critic_only() -> None:
     gen = torch.Generator().manual_seed(2)
     z, ema_z, x = _z(policy, gen), _z(ema, gen), _inputs(gen)
     noise = policy.diffusion.chain_noise((B, A), gen)
-    losses = critic_objective(critic, target, ema, z, ema_z.detach(), **x, target_noise=noise, gamma=GAMMA)
+    losses = critic_objective(critic, target, ema, x, z, ema_z.detach(), _critic_draws(noise), GAMMA)
     losses.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.parameters())
     assert all(p.grad is None for p in (*policy.parameters(), *ema.parameters(), *target.parameters()))
@@ -132,21 +145,18 @@ def test_actor_objective_is_eq8_with_the_drawn_head(pick_first: bool) -> None:
     critic.requires_grad_(False)
     gen = torch.Generator().manual_seed(3)
     z, x = _cond(policy, gen), _inputs(gen)
-    a_k, k, eps = policy.diffusion.loss_inputs(x["action"], gen)
-    chain = policy.diffusion.chain_noise((B, A), gen)
+    d = _actor_draws(gen, x, policy, pick_first)
     eta = 0.7
 
-    losses, a_new = actor_objective(
-        policy, critic, z, x["task_id"], x["obs"], a_k, k, eps, chain, eta, torch.tensor(pick_first)
-    )
+    losses, a_new = actor_objective(policy, critic, x, z, d, eta)
 
     with torch.no_grad():
-        cond = z[x["task_id"]]
-        bc = diffusion_loss(policy.denoiser(a_k, k, policy.denoiser.context(x["obs"], cond)), eps)
+        cond = z[x.task_id]
+        bc = diffusion_loss(policy.denoiser(d.a_k, d.k, policy.denoiser.state_term(x.obs, cond)), d.eps)
         a0 = torch.cat(
-            [policy.sample(x["obs"][i : i + 1], cond[i : i + 1], chain[:, i : i + 1]) for i in range(B)]
+            [policy.sample(x.obs[i : i + 1], cond[i : i + 1], d.chain_noise[:, i : i + 1]) for i in range(B)]
         )
-        q1, q2 = critic(x["obs"], a0, cond)
+        q1, q2 = critic(x.obs, a0, cond)
         q_term = actor_q_term(q1, q2) if pick_first else actor_q_term(q2, q1)
     torch.testing.assert_close(a_new, a0, atol=ROW_TOL, rtol=ROW_TOL)
     torch.testing.assert_close(losses.bc_loss, bc, atol=ROW_TOL, rtol=ROW_TOL)
@@ -161,23 +171,10 @@ def test_actor_objective_trains_the_policy_and_prompt_encoders_not_the_critic() 
     critic.requires_grad_(False)
     gen = torch.Generator().manual_seed(4)
     x = _inputs(gen)
-    a_k, k, eps = policy.diffusion.loss_inputs(x["action"], gen)
-    chain = policy.diffusion.chain_noise((B, A), gen)
+    d = _actor_draws(gen, x, policy, True)
     for eta, bc_weight in ((0.0, 1.0), (1.0, 0.0)):  # each term on its own
         policy.zero_grad(set_to_none=True)
-        losses, _ = actor_objective(
-            policy,
-            critic,
-            _z(policy, gen),
-            x["task_id"],
-            x["obs"],
-            a_k,
-            k,
-            eps,
-            chain,
-            eta,
-            torch.tensor(True),
-        )
+        losses, _ = actor_objective(policy, critic, x, _z(policy, gen), d, eta)
         (bc_weight * losses.bc_loss + eta * losses.q_loss).backward()
         missing = [n for n, p in policy.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
         assert missing == [], f"eta={eta}: no gradient in {missing}"

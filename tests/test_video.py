@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llmdpd_pl.evaluation import PolicyFn, expert_policy, random_policy, run_episodes
+from llmdpd_pl.rollouts import PolicyFn, expert_policy, random_policy, run_episodes
 from llmdpd_pl.video import (
     MAX_GIF_FPS,
     camera_upside_down,

@@ -4,7 +4,8 @@ Diffusion-QL draws its Q-target actions from this EMA actor, and evaluates with 
 updates the EMA is a plain copy of the policy; afterwards every ``every`` updates
 θ_EMA ← decay·θ_EMA + (1 − decay)·θ. The update count is the module's own ``updates`` counter, not
 Lightning's ``global_step`` (which counts both optimizers' steps). The averaged weights are saved in the
-checkpoint and restored on resume.
+checkpoint and restored on resume. After every write it calls ``pl_module.ema_updated()``, so the module
+can drop what it computed from the old weights.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class ActorEMA(L.Callback):
             torch._foreach_copy_(list(self.averaged.module.parameters()), list(pl_module.policy.parameters()))
         elif (updates - self.start) % self.every == 0:
             self.averaged.update_parameters(pl_module.policy)
+        else:
+            return
+        pl_module.ema_updated()
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.averaged is None else self.averaged.state_dict()

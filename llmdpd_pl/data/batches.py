@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from llmdpd_pl.data.collect import derive_seed
+from llmdpd_pl.utils import derive_seed
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Batch:
         reward: (B,) float32 rewards r_t (times ``reward_scale``).
         next_obs: (B, S) float32 states s_{t+1}.
         not_done: (B,) float32, 0 only where s_{t+1} is terminal (a time-limit truncation is not).
-        task_id: (B,) int64 index into :attr:`~llmdpd_pl.data.datamodule.TaskPrompts.names`.
+        task_id: (B,) int64 index into :attr:`~llmdpd_pl.task_bank.TaskPrompts.names`.
     """
 
     obs: Tensor

@@ -16,12 +16,10 @@ metadata (level, seed, success, return, length).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -34,10 +32,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmdpd_pl.envs import check_task_names
+from llmdpd_pl.utils import PROGRESS_INTERVAL, derive_seed
 
 Kind = Literal["train", "prompts"]
-#: tqdm refresh interval: frequent on a terminal, sparse in log files
-PROGRESS_INTERVAL = 0.1 if sys.stderr.isatty() else 10.0
 METADATA_FILE = "llmdpd.json"
 
 
@@ -127,12 +124,6 @@ class DatasetSpec:
         """Everything that changes a dataset's content; stored with it and checked on reuse."""
         levels = {name: asdict(level) for name, level in self.levels_for(kind).items()}
         return {"seed": self.seed, "max_episode_steps": self.max_episode_steps, "levels": levels}
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 31-bit seed from any parts (Python's ``hash`` is salted per process)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,23 +23,7 @@ from llmdpd_pl.data.collect import DatasetSpec, Kind, collect, format_table, rea
 from llmdpd_pl.data.embeddings import EmbedStats, LLMSpec, embed_dim, embed_texts
 from llmdpd_pl.data.prompts import load_prompts, render_prompt
 from llmdpd_pl.envs import ACT_DIM, OBS_DIM, check_task_names, split_overlap
-
-
-@dataclass(frozen=True)
-class TaskPrompts:
-    """Both prompts of every task, seen tasks first. T = tasks, P = prompt episodes, L = prompt length.
-
-    Attributes:
-        names: (T,) task names; the index is the ``task_id``.
-        text_embedding: (T, E) frozen-LLM embedding M(z_text) of each task's text prompt.
-        traj_obs: (T, P, L, S) states of each task's prompt trajectories (raw).
-        traj_act: (T, P, L, A) actions of each task's prompt trajectories.
-    """
-
-    names: tuple[str, ...]
-    text_embedding: Tensor
-    traj_obs: Tensor
-    traj_act: Tensor
+from llmdpd_pl.task_bank import TaskPrompts
 
 
 def _check_finite(array: np.ndarray, what: str) -> None:

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from llmdpd_pl.data.prompts import DEFAULT_INSTRUCTION
-from llmdpd_pl.files import atomic_write
+from llmdpd_pl.utils import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from llmdpd_pl.callbacks.evaluation import RolloutEvaluation
+from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
 from llmdpd_pl.cli import build_cli, main
-from llmdpd_pl.evaluation import TaskResult, expert_policy, run_episodes
+from llmdpd_pl.rollouts import TaskResult, expert_policy, run_episodes
 from tests.model_fixtures import ModelData, model_data, one_thread, write_config
 
 __all__ = ["model_data", "one_thread"]  # fixtures imported for pytest
@@ -39,7 +39,7 @@ VIDEO_FRAMES = 1 + EVAL_STEPS // VIDEO_STRIDE  # the reset frame, then every 4th
 
 def _evaluation(**overrides: object) -> dict:
     init = {"max_steps": EVAL_STEPS, "num_envs": 1, "episodes": 2, "test_episodes": 2, **overrides}
-    return {"class_path": "llmdpd_pl.callbacks.evaluation.RolloutEvaluation", "init_args": init}
+    return {"class_path": "llmdpd_pl.callbacks.rollout_evaluation.RolloutEvaluation", "init_args": init}
 
 
 # ------------------------------------------------------------------------------- evaluate()

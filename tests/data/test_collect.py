@@ -23,7 +23,6 @@ from llmdpd_pl.data.collect import (
     DatasetSpec,
     QualityLevel,
     collect,
-    derive_seed,
     format_table,
     is_complete,
     read_metadata,
@@ -158,14 +157,6 @@ def test_collect_table_lists_every_dataset(collected: Collected) -> None:
 
 
 # ------------------------------------------------------------------------------------- determinism, reuse
-def test_derive_seed_is_pinned() -> None:
-    # Stable across processes (unlike hash()), so the same spec always builds the same data.
-    assert derive_seed(0, "reach", "train") == 118402700
-    assert derive_seed(0, "reach", "prompts") != derive_seed(0, "reach", "train")
-    assert derive_seed(1, "reach", "train") != derive_seed(0, "reach", "train")
-    assert 0 <= derive_seed("anything", 3.5) < 2**31
-
-
 def test_same_seed_gives_identical_arrays(collected: Collected, tmp_path: Path) -> None:
     # One worker here, two in the session's collection: the worker count must not matter either.
     spec = dataclasses.replace(collected.spec, root=str(tmp_path), workers=1)

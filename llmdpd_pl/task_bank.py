@@ -1,4 +1,4 @@
-"""``TaskContext``: every task's prompts and the seen tasks' observation statistics, as buffers.
+"""``TaskBank``: every task's prompts and the seen tasks' observation statistics, as buffers.
 
 The policy is conditioned on its task only through these prompts, so they travel with the weights: a
 checkpoint holds the text embeddings and trajectory prompts of every task it knows, seen and unseen, and
@@ -12,20 +12,44 @@ A action dim, E LLM width.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from llmdpd_pl.data.collect import derive_seed
-from llmdpd_pl.data.datamodule import TaskPrompts
-from llmdpd_pl.objectives import Prompts
+from llmdpd_pl.utils import derive_seed
 
 BANKS = ("text_bank", "traj_obs_bank", "traj_act_bank", "obs_mean", "obs_std")
 """The buffers, whose shapes (except the statistics') depend on the data."""
 
 
-class TaskContext(nn.Module):
+@dataclass(frozen=True)
+class TaskPrompts:
+    """Both prompts of every task, seen tasks first, as the datamodule loads them.
+
+    Attributes:
+        names: (T,) task names; the index is the ``task_id``.
+        text_embedding: (T, E) frozen-LLM embedding M(z_text) of each task's text prompt.
+        traj_obs: (T, P, L, S) states of each task's prompt trajectories (raw).
+        traj_act: (T, P, L, A) actions of each task's prompt trajectories.
+    """
+
+    names: tuple[str, ...]
+    text_embedding: Tensor
+    traj_obs: Tensor
+    traj_act: Tensor
+
+
+class PromptInputs(NamedTuple):
+    """One prompt per task, as the prompt encoders read it (``PromptedPolicy.encode_prompts(*inputs)``)."""
+
+    text_embedding: Tensor  # (T, E)
+    traj_obs: Tensor  # (T, L, S), normalised
+    traj_act: Tensor  # (T, L, A)
+
+
+class TaskBank(nn.Module):
     """The tasks' prompt banks and the observation statistics, filled by :meth:`fill` and saved as buffers.
 
     Args:
@@ -93,17 +117,17 @@ class TaskContext(nn.Module):
         """(…, S) raw states → (…, S) standardised with the seen-task statistics."""
         return (obs - self.obs_mean) / self.obs_std
 
-    def prompts(self, tasks: Tensor, prompt_index: Tensor) -> Prompts:
+    def prompts(self, tasks: Tensor, prompt_index: Tensor) -> PromptInputs:
         """The given tasks' text embeddings and trajectory prompt ``prompt_index``: (T,), (T,) → (T, …)."""
         traj_obs = self.normalize(self.traj_obs_bank[tasks, prompt_index])  # (T, L, S)
-        return self.text_bank[tasks], traj_obs, self.traj_act_bank[tasks, prompt_index]
+        return PromptInputs(self.text_bank[tasks], traj_obs, self.traj_act_bank[tasks, prompt_index])
 
     def task_ids(self, names: Iterable[str]) -> Tensor:
-        """Indices of task names in this context: names → (N,) int64."""
+        """Indices of task names in this bank: names → (N,) int64."""
         index = {n: i for i, n in enumerate(self.task_names)}
         missing = [n for n in names if n not in index]
         if missing:
-            raise ValueError(f"tasks {missing} are not in the model's task context {list(self.task_names)}")
+            raise ValueError(f"tasks {missing} are not in the model's task bank {list(self.task_names)}")
         return torch.tensor([index[n] for n in names], device=self.obs_mean.device)
 
     def _load_from_state_dict(

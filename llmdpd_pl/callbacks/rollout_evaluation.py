@@ -26,10 +26,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from llmdpd_pl.data.collect import PROGRESS_INTERVAL
-from llmdpd_pl.evaluation import (
+from llmdpd_pl.rollouts import (
     Counts,
     PolicyFn,
     TaskResult,
@@ -41,8 +41,49 @@ from llmdpd_pl.evaluation import (
     shard,
     write_json,
 )
-from llmdpd_pl.files import atomic_write
+from llmdpd_pl.utils import PROGRESS_INTERVAL, atomic_write
 from llmdpd_pl.video import MAX_GIF_FPS, CameraName, encode_gif, gif_summary, make_video_env, record_episode
+
+
+@torch.no_grad()
+def task_conditioning(module: Any, tasks: Tensor, prompt_index: int = 0) -> tuple[Tensor, Tensor]:
+    """z of the EMA actor, and of the online policy for the critics, for tasks (T,) → (T, C) each.
+
+    Prompts are fixed during an evaluation, so callers compute this once per task, not per step.
+    """
+    p = torch.full_like(tasks, prompt_index)
+    return module.encode_prompts(module.ema_policy, tasks, p), module.encode_prompts(module.policy, tasks, p)
+
+
+@torch.no_grad()
+def act_conditioned(
+    module: Any, obs: Tensor, z: Tensor, critic_z: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """The module's EMA actor's actions for raw states: (N, S), (N, C), (N, C) → (N, A) in [-1, 1].
+
+    ``model.action_selection`` picks the mode of ``PromptedPolicy.select_action``: ``q_softmax`` scores
+    ``n_action_candidates`` per state with the target critics (conditioned on ``critic_z``); ``sample``
+    draws one reverse chain.
+    """
+    q_softmax = module.hparams["action_selection"] == "q_softmax"
+    return module.ema_policy.select_action(
+        module.task_bank.normalize(obs),
+        z,
+        generator,
+        critic=module.critic_target if q_softmax else None,
+        critic_z=critic_z,
+        n_candidates=module.hparams["n_action_candidates"] if q_softmax else 1,
+    )
+
+
+@torch.no_grad()
+def act(
+    module: Any, obs: Tensor, tasks: Tensor, prompt_index: int = 0, generator: torch.Generator | None = None
+) -> Tensor:
+    """The module's EMA actor's actions for raw states of given tasks: (N, S), (N,) → (N, A) in [-1, 1]."""
+    unique, inverse = torch.unique(tasks, return_inverse=True)
+    z, critic_z = task_conditioning(module, unique, prompt_index)
+    return act_conditioned(module, obs, z[inverse], critic_z[inverse], generator)
 
 
 def module_policy(module: Any, prompt_index: int, seed: int) -> PolicyFn:
@@ -51,16 +92,16 @@ def module_policy(module: Any, prompt_index: int, seed: int) -> PolicyFn:
     The prompts' encodings are computed once per task (the weights do not change during an evaluation).
     """
     gen = torch.Generator(device=module.device).manual_seed(seed)
-    conditioning: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    conditioning: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def act(obs: np.ndarray, task: str) -> np.ndarray:
+    def policy(obs: np.ndarray, task: str) -> np.ndarray:
         if task not in conditioning:
-            conditioning[task] = module.task_conditioning(module.context.task_ids([task]), prompt_index)
-        cond, critic_cond = (c.expand(len(obs), -1) for c in conditioning[task])
+            conditioning[task] = task_conditioning(module, module.task_bank.task_ids([task]), prompt_index)
+        z, critic_z = (c.expand(len(obs), -1) for c in conditioning[task])
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=module.device)
-        return module.act_conditioned(obs_t, cond, critic_cond, gen).cpu().numpy()
+        return act_conditioned(module, obs_t, z, critic_z, gen).cpu().numpy()
 
-    return act
+    return policy
 
 
 class RolloutEvaluation(L.Callback):
@@ -228,7 +269,7 @@ class RolloutEvaluation(L.Callback):
                 summary = gif_summary(f"{tag}/{split}/{task}/video_ep{k}", gif, *video.frames.shape[1:3])
                 for writer in writers:
                     # add_video's own route (it needs moviepy to encode): the writer's event file writer
-                    writer._get_file_writer().add_summary(summary, step)
+                    writer.file_writer.add_summary(summary, step)
                     writer.flush()
                 entries.append(
                     {
@@ -263,7 +304,7 @@ class RolloutEvaluation(L.Callback):
         # directly, at the step Lightning gives this batch's train metrics. log_dict still fills
         # callback_metrics (ModelCheckpoint(monitor="eval/unseen/success")).
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=False)
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = pl_module.updates - 1  # Lightning's step of this batch's train metrics: batches before it
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if self.video_episodes and trainer.is_global_zero:

@@ -2,9 +2,9 @@
 
 An episode is a success if ``info["success"]`` is ever true within its 500 steps. Episodes are
 identified by an integer id; episode ``i`` of a task runs layout ``i mod 50`` of the task's evaluation
-benchmark (Meta-World ignores ``reset(seed)``, so :class:`LayoutReset` sets the layout itself), which
-makes episodes reproducible and lets DDP ranks shard them exactly: rank r runs ids r, r+W, r+2W, ...
-and the counts are summed, so 7 episodes on 2 ranks are 7 episodes.
+benchmark (Meta-World ignores ``reset(seed)``, so :class:`~llmdpd_pl.envs.LayoutReset` sets the layout
+itself), which makes episodes reproducible and lets DDP ranks shard them exactly: rank r runs ids
+r, r+W, r+2W, ... and the counts are summed, so 7 episodes on 2 ranks are 7 episodes.
 """
 
 from __future__ import annotations
@@ -20,30 +20,12 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmdpd_pl.data.collect import derive_seed
-from llmdpd_pl.envs import MAX_EPISODE_STEPS, make_env, scripted_policy
-from llmdpd_pl.files import atomic_write
+from llmdpd_pl.envs import MAX_EPISODE_STEPS, make_eval_envs, scripted_policy
+from llmdpd_pl.utils import atomic_write
 
 #: policy(obs (N, S) float64, task) → actions (N, A) in [-1, 1]
 PolicyFn = Callable[[np.ndarray, str], np.ndarray]
 Split = Literal["seen", "unseen"]
-
-
-class LayoutReset(gym.Wrapper):
-    """``reset(seed=i)`` puts the task in object/goal layout ``i mod 50``; ``reset()`` keeps the layout."""
-
-    def __init__(self, env: gym.Env) -> None:
-        super().__init__(env)
-        selector = env
-        while not hasattr(selector, "tasks"):
-            selector = selector.env  # the RandomTaskSelectWrapper holds the 50 layouts
-        selector.toggle_sample_tasks_on_reset(False)
-        self.layouts = selector.tasks
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
-        if seed is not None:
-            self.env.unwrapped.set_task(self.layouts[seed % len(self.layouts)])
-        return self.env.reset(options=options)
 
 
 @dataclass
@@ -118,11 +100,6 @@ def shard(episodes: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, episodes, world_size))
 
 
-def layout_seed(seed: int, task: str) -> int:
-    """Construction seed of a task's evaluation envs (a layout set disjoint from the training data's)."""
-    return derive_seed(seed, task, "eval")
-
-
 def run_episodes(
     policy: PolicyFn,
     task: str,
@@ -187,18 +164,6 @@ def _success(info: dict[str, Any], ended: np.ndarray, n_envs: int) -> np.ndarray
         final = np.asarray(info["final_info"].get("success", np.zeros(n_envs)), dtype=float) > 0
         now = np.where(ended, final, now)
     return now
-
-
-def make_eval_envs(
-    task: str, num_envs: int, seed: int, vectorization: Literal["sync", "async"] = "sync", **kwargs: Any
-) -> gym.vector.VectorEnv:
-    """``num_envs`` copies of ``task`` with the evaluation layout set, SAME_STEP autoreset."""
-    env_seed = layout_seed(seed, task)
-    fns = [lambda: LayoutReset(make_env(task, seed=env_seed, **kwargs)) for _ in range(num_envs)]
-    mode = gym.vector.AutoresetMode.SAME_STEP
-    if vectorization == "async":
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
-    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
 
 
 def expert_policy() -> PolicyFn:

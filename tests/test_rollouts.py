@@ -1,4 +1,4 @@
-"""Tests for llmdpd_pl.evaluation: rollouts, success read-out, exact sharding, Wilson interval, JSON.
+"""Tests for llmdpd_pl.rollouts: rollouts, success read-out, exact sharding, Wilson interval, JSON.
 
 Episodes are shortened (``max_steps`` 30–150 instead of 500) where the claim does not need full
 episodes: building a Meta-World env costs ~0.6 s and dominates, so envs are reused where possible.
@@ -17,17 +17,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from llmdpd_pl.envs import make_env, scripted_policy
-from llmdpd_pl.evaluation import (
+from llmdpd_pl.envs import make_eval_envs, scripted_policy
+from llmdpd_pl.rollouts import (
     Counts,
-    LayoutReset,
     PolicyFn,
     TaskResult,
     _success,
     expert_policy,
     format_results,
-    layout_seed,
-    make_eval_envs,
     mean_success,
     random_policy,
     run_episodes,
@@ -228,23 +225,6 @@ def test_same_seed_gives_identical_counts(reach_envs: gym.vector.VectorEnv) -> N
     first, again, other = run(7), run(7), run(8)
     assert first == again  # bit-identical, floats included
     assert other.return_sum != first.return_sum  # the seed does reach the policy
-
-
-def test_layout_reset_picks_layout_by_seed_mod_50() -> None:
-    env = LayoutReset(make_env("reach", seed=layout_seed(SEED, "reach")))
-    try:
-        first = {i: env.reset(seed=i)[0] for i in (3, 4, 53)}
-        np.testing.assert_array_equal(first[3], first[53])  # layout i mod 50
-        assert not np.array_equal(first[3], first[4])  # another layout
-        env.reset(seed=3)
-        np.testing.assert_array_equal(env.reset()[0], first[3])  # reset() keeps the layout
-    finally:
-        env.close()
-
-
-def test_eval_layouts_depend_on_seed_and_task() -> None:
-    assert layout_seed(0, "reach") == layout_seed(0, "reach")
-    assert len({layout_seed(0, "reach"), layout_seed(1, "reach"), layout_seed(0, "push")}) == 3
 
 
 # ------------------------------------------------------------------------------- table and JSON
