@@ -1,4 +1,4 @@
-"""Building blocks of LLMDPD's networks: Mish, the diffusion-step embedding, MLPs, stacked Linear heads.
+"""Building blocks of LLMDPD's networks: the diffusion-step embedding, MLPs, stacked Linear heads.
 
 Shared by :mod:`llmdpd_pl.networks` (denoiser, critics) and :mod:`llmdpd_pl.prompt_encoders`, with the
 check that gives their inputs of the wrong width a clear error.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,52 +17,6 @@ def check_last_dim(name: str, x: Tensor, expected: int) -> None:
     """A ``ValueError`` naming ``name`` and its shape unless ``x``'s last dimension is ``expected``."""
     if x.shape[-1] != expected:
         raise ValueError(f"{name} must have last dimension {expected}, got shape {tuple(x.shape)}")
-
-
-def mish(x: Tensor) -> Tensor:
-    """Mish (Misra 2019), the activation of Diffusion-QL's MLPs, computed from one sigmoid.
-
-    ``mish(x) = x tanh(softplus(x)) = x p / (2 - p)``, with ``s = sigmoid(x)`` and ``p = s (2 - s)``:
-    ``e^softplus(x) = 1 + e^x = 1 / (1 - s)``, so ``tanh(softplus(x)) = (1 - (1 - s)^2) / (1 + (1 - s)^2)``.
-    No intermediate overflows, and for x -> -inf, ``p ~ 2s`` keeps the relative accuracy of ``x e^x``.
-
-    ``d mish / dx = t + x s (1 - t^2)`` with ``t = tanh(softplus(x)) = p / (2 - p)``.
-
-    Same function as ``torch.nn.functional.mish`` (to float32 rounding), but 2.8x faster forward and
-    backward on CPU, where PyTorch's kernel evaluates ``tanh`` and ``log1p`` (``docs/performance.md``).
-
-    Args:
-        x: any shape.
-
-    Returns:
-        mish(x), the shape of ``x``.
-    """
-    return _Mish.apply(x)
-
-
-class _Mish(torch.autograd.Function):
-    """Autograd of :func:`mish`: saves ``x``, ``s`` and ``t``; the backward is the closed form above."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        s = torch.sigmoid(x)
-        p = torch.rsub(s, 2.0).mul_(s)  # s (2 - s)
-        t = p.div_(torch.rsub(p, 2.0))  # tanh(softplus(x)) = p / (2 - p), in p's storage
-        ctx.save_for_backward(x, s, t)
-        return x * t
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        x, s, t = ctx.saved_tensors
-        return torch.addcmul(t, x * s, torch.rsub(t.square(), 1.0)).mul_(grad)  # (t + x s (1 - t^2)) grad
-
-
-class Mish(nn.Module):
-    """:func:`mish` as a module (drop-in for ``torch.nn.Mish``; no parameters, same checkpoints)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Any shape -> the same shape."""
-        return mish(x)
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -148,4 +101,4 @@ class StackedLinear(nn.Module):
         return f"n_heads={self.n_heads}, in_dim={self.in_dim}, out_dim={self.out_dim}"
 
 
-__all__ = ["Mish", "SinusoidalPosEmb", "StackedLinear", "check_last_dim", "mish", "mlp"]
+__all__ = ["SinusoidalPosEmb", "StackedLinear", "check_last_dim", "mlp"]
