@@ -130,11 +130,6 @@ class TwinCritic(nn.Module):
     holds a (2, out, in) weight and runs both heads in one ``baddbmm``. ``layers[l].weight[h]`` is
     the ``nn.Linear`` weight of head h.
 
-    Scoring many actions at the same states and prompts (action candidates, the max-Q backup), the first
-    layer splits as ``W [s, a, z] + b = W_a a + (W_sz [s, z] + b)``: :meth:`state_term` computes the
-    state-and-prompt term once per state and :meth:`from_state_term` the rest per action. Same weights and
-    same function as :meth:`forward`, which keeps the single matmul for one action per state.
-
     Args:
         obs_dim: state dimension S.
         act_dim: action dimension A.
@@ -181,32 +176,6 @@ class TwinCritic(nn.Module):
     def first_layer(self) -> StackedLinear:
         """Both heads' ``Linear(S + A + C, hidden_dim)`` on ``concat(s, a, z)``."""
         return cast(StackedLinear, self.layers[0])
-
-    def state_term(self, obs: Tensor, cond: Tensor | None = None) -> Tensor:
-        """Both heads' first-layer state-and-prompt term ``W_sz [s, z] + b``: (B, S), (B, C) → (2, B, H).
-
-        ``cond`` is ``None`` or (B, 0) when ``cond_dim == 0``.
-        """
-        check_last_dim("obs", obs, self.obs_dim)
-        cond = _conditioning(cond, obs, self.cond_dim)
-        w, s = self.first_layer.weight, self.obs_dim  # (2, H, S + A + C)
-        w_sz = torch.cat([w[..., :s], w[..., s + self.act_dim :]], dim=-1)  # (2, H, S + C)
-        x = self._per_head(torch.cat([obs, cond], dim=-1))  # (2, B, S + C)
-        return torch.baddbmm(self.first_layer.bias, x, w_sz.transpose(1, 2))
-
-    def from_state_term(self, act: Tensor, state_term: Tensor) -> tuple[Tensor, Tensor]:
-        """Both heads' values at actions (B, A), given their states' :meth:`state_term` (2, B, H).
-
-        Returns:
-            ``(q1 (B,), q2 (B,))``.
-        """
-        check_last_dim("act", act, self.act_dim)
-        check_last_dim("state_term", state_term, self.first_layer.out_dim)
-        w_a = self.first_layer.weight[..., self.obs_dim : self.obs_dim + self.act_dim]  # (2, H, A)
-        a = self._per_head(act)  # (2, B, A)
-        # A product and an add, not baddbmm: compiled, the add (and a repeat of the term that feeds
-        # it) fuses into the activation's kernel instead of being written out.
-        return self._heads(torch.bmm(a, w_a.transpose(1, 2)) + state_term)
 
     def _per_head(self, x: Tensor) -> Tensor:
         """The same input for both heads, without a copy: (B, D) → (2, B, D)."""

@@ -177,9 +177,9 @@ def scored_candidates(
     """n actions per state from the policy's reverse chain, and both critic heads' values of each.
 
     (N, S), (N, C), (N, C), chain noise (K + 1, N·n, A) → candidates (N·n, A), Q1 and Q2 (N, n) each;
-    row i·n + j is candidate j of state i. The denoiser's and the critics' state-and-prompt terms are
-    computed once per state and shared by its n candidates. Used by ``q_softmax`` acting and by the
-    critic objective's targets (n > 1: the max-Q backup).
+    row i·n + j is candidate j of state i. The denoiser's state-and-prompt term is computed once per state
+    and shared by its n candidates. Used by ``q_softmax`` acting and by the critic objective's targets
+    (n > 1: the max-Q backup).
     """
     n = noise.shape[1] // obs.shape[0]
     if n < 1 or noise.shape[1] != n * obs.shape[0]:
@@ -189,8 +189,7 @@ def scored_candidates(
         )
     state_term = policy.state_term(obs, z).repeat_interleave(n, 0)  # (N·n, H)
     cand = policy.sample_from_state_term(state_term, noise)  # (N·n, A)
-    critic_term = critic.state_term(obs, critic_z).repeat_interleave(n, 1)  # (2, N·n, H)
-    q1, q2 = critic.from_state_term(cand, critic_term)  # (N·n,) each
+    q1, q2 = critic(obs.repeat_interleave(n, 0), cand, critic_z.repeat_interleave(n, 0))  # (N·n,) each
     return cand, q1.view(-1, n), q2.view(-1, n)
 
 
