@@ -129,9 +129,8 @@ def actor_objective(
         The losses, and the sampled a⁰ detached, (B, A).
     """
     cond = z[batch.task_id]  # (B, C)
-    state_term = policy.state_term(batch.obs, cond)  # (B, H), shared by Eq. 5's pass and the chain
-    bc = diffusion_loss(policy.eps(draws.a_k, draws.k, state_term), draws.eps)
-    a_new = policy.sample_from_state_term(state_term, draws.chain_noise)  # (B, A), through the chain
+    bc = diffusion_loss(policy.eps(draws.a_k, draws.k, batch.obs, cond), draws.eps)
+    a_new = policy.sample(batch.obs, cond, draws.chain_noise)  # (B, A), differentiable through the chain
     q1, q2 = critic(batch.obs, a_new, cond.detach())
     q_term = torch.where(draws.pick_first, actor_q_term(q1, q2), actor_q_term(q2, q1))
     return ActorLosses(actor_loss(bc, q_term, eta), bc, q_term), a_new.detach()

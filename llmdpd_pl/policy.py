@@ -122,14 +122,13 @@ class PromptedPolicy(nn.Module):
     def state_term(self, obs: Tensor, z: Tensor) -> Tensor:
         """The denoiser's first-layer state-and-prompt term ``W_sz [s, z] + b``: (B, S), (B, C) → (B, H).
 
-        It depends on neither a^k nor k, so every denoiser pass on the same states and prompts shares it:
-        a chain's K steps, and Eq. 5's pass in the actor objective.
+        It depends on neither a^k nor k, so a chain's K steps share it.
         """
         return self.denoiser.state_term(obs, z)
 
-    def eps(self, a_k: Tensor, k: Tensor, state_term: Tensor) -> Tensor:
-        """ε_θ(a^k, k, s, z): (B, A), (B,), :meth:`state_term` (B, H) → (B, A)."""
-        return self.denoiser(a_k, k, state_term)
+    def eps(self, a_k: Tensor, k: Tensor, obs: Tensor, z: Tensor) -> Tensor:
+        """ε_θ(a^k, k, s, z): (B, A), (B,), (B, S), (B, C) → (B, A)."""
+        return self.denoiser(a_k, k, self.state_term(obs, z))
 
     def sample(self, obs: Tensor, z: Tensor, noise: Tensor) -> Tensor:
         """a⁰ ~ π_θ(· | s, z) through the full reverse chain (Eq. 4): (B, S), (B, C) → (B, A).
