@@ -1,4 +1,4 @@
-"""Building blocks of LLMDPD's networks: the diffusion-step embedding, MLPs, stacked Linear heads.
+"""Building blocks of LLMDPD's networks: Mish, the diffusion-step embedding, MLPs, stacked Linear heads.
 
 Shared by :mod:`llmdpd_pl.networks` (denoiser, critics) and :mod:`llmdpd_pl.prompt_encoders`, with the
 check that gives their inputs of the wrong width a clear error.
@@ -17,6 +17,35 @@ def check_last_dim(name: str, x: Tensor, expected: int) -> None:
     """A ``ValueError`` naming ``name`` and its shape unless ``x``'s last dimension is ``expected``."""
     if x.shape[-1] != expected:
         raise ValueError(f"{name} must have last dimension {expected}, got shape {tuple(x.shape)}")
+
+
+def mish(x: Tensor) -> Tensor:
+    """Mish (Misra 2019), the activation of Diffusion-QL's MLPs, from one sigmoid.
+
+    ``mish(x) = x tanh(softplus(x)) = x p / (2 - p)``, with ``s = sigmoid(x)`` and ``p = s (2 - s)``:
+    ``e^softplus(x) = 1 + e^x = 1 / (1 - s)``, so ``tanh(softplus(x)) = (1 - (1 - s)^2) / (1 + (1 - s)^2)``.
+    No intermediate overflows, and for x -> -inf, ``p ~ 2s`` keeps the relative accuracy of ``x e^x``.
+
+    The same function as ``torch.nn.functional.mish`` (to float32 rounding). Compiled, its sigmoid form
+    fuses into cheaper kernels than PyTorch's ``tanh(softplus(x))`` (``docs/performance.md``).
+
+    Args:
+        x: any shape.
+
+    Returns:
+        mish(x), the shape of ``x``.
+    """
+    s = torch.sigmoid(x)
+    p = s * (2.0 - s)
+    return x * (p / (2.0 - p))
+
+
+class Mish(nn.Module):
+    """:func:`mish` as a module (drop-in for ``torch.nn.Mish``; no parameters, same checkpoints)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Any shape -> the same shape."""
+        return mish(x)
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -101,4 +130,4 @@ class StackedLinear(nn.Module):
         return f"n_heads={self.n_heads}, in_dim={self.in_dim}, out_dim={self.out_dim}"
 
 
-__all__ = ["SinusoidalPosEmb", "StackedLinear", "check_last_dim", "mlp"]
+__all__ = ["Mish", "SinusoidalPosEmb", "StackedLinear", "check_last_dim", "mish", "mlp"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmdpd_pl.layers import SinusoidalPosEmb, StackedLinear, check_last_dim, mlp
+from llmdpd_pl.layers import Mish, SinusoidalPosEmb, StackedLinear, check_last_dim, mlp
 
 
 def _check_dims(**dims: int) -> None:
@@ -75,10 +75,10 @@ class Denoiser(nn.Module):
         self.time_mlp = nn.Sequential(
             SinusoidalPosEmb(time_dim),
             nn.Linear(time_dim, time_dim * 2),
-            nn.Mish(),
+            Mish(),
             nn.Linear(time_dim * 2, time_dim),
         )
-        self.net = mlp(act_dim + time_dim + obs_dim + cond_dim, [hidden_dim] * n_layers, act_dim, nn.Mish)
+        self.net = mlp(act_dim + time_dim + obs_dim + cond_dim, [hidden_dim] * n_layers, act_dim, Mish)
 
     @property
     def first_layer(self) -> nn.Linear:
@@ -153,7 +153,7 @@ class TwinCritic(nn.Module):
             StackedLinear(self.n_heads, w_in, w_out)
             for w_in, w_out in zip(widths[:-1], widths[1:], strict=True)
         )
-        self.activation = nn.Mish()
+        self.activation = Mish()
 
     def forward(self, obs: Tensor, act: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Both heads' values.

@@ -1,12 +1,13 @@
-"""Tests for llmdpd_pl.layers: the step embedding, MLPs and stacked Linear heads."""
+"""Tests for llmdpd_pl.layers: Mish, the step embedding, MLPs and stacked Linear heads."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from llmdpd_pl.layers import SinusoidalPosEmb, StackedLinear, mlp
+from llmdpd_pl.layers import Mish, SinusoidalPosEmb, StackedLinear, mish, mlp
 from tests.network_checks import KERNEL_TOL
 
 
@@ -20,6 +21,23 @@ def test_sinusoidal_pos_emb() -> None:
     assert out[1, 0].item() == pytest.approx(torch.tensor(3.0).sin().item(), abs=KERNEL_TOL)
     with pytest.raises(ValueError, match="dim"):
         SinusoidalPosEmb(7)
+
+
+def test_mish_matches_torch_mish_and_its_gradient() -> None:
+    x = torch.linspace(-100.0, 100.0, 20_001, requires_grad=True)  # both tails
+    ours, ref = mish(x), F.mish(x)
+    # One sigmoid and a division vs PyTorch's tanh(log1p(exp)): float32 rounding of O(|x|) values.
+    torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-6)
+    g_ours, g_ref = (torch.autograd.grad(y.sum(), x)[0] for y in (ours, ref))
+    torch.testing.assert_close(g_ours, g_ref, atol=5e-6, rtol=1e-5)
+    big = torch.tensor([1e4, 3.0e38, -1e4])  # no intermediate overflows
+    assert torch.equal(mish(big), torch.tensor([1e4, 3.0e38, -0.0]))
+
+
+def test_mish_gradcheck_float64() -> None:
+    x = (torch.randn(64, dtype=torch.float64) * 5).requires_grad_()
+    assert torch.autograd.gradcheck(mish, (x,))
+    assert torch.equal(Mish()(x.detach()), mish(x.detach()))
 
 
 def test_mlp_structure() -> None:

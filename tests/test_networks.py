@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from llmdpd_pl.layers import Mish
 from llmdpd_pl.networks import Denoiser, TwinCritic
 from tests.network_checks import KERNEL_TOL, assert_all_params_get_grad
 
@@ -41,7 +42,7 @@ def test_denoiser_matches_diffusion_ql_layout() -> None:
         (256, 256),
         (256, A),
     ]
-    assert sum(isinstance(m, nn.Mish) for m in net.net) == 3
+    assert sum(isinstance(m, Mish) for m in net.net) == 3
     t_lin = [m for m in net.time_mlp if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in t_lin] == [(16, 32), (32, 16)]
 

@@ -1,0 +1,58 @@
+"""The package reads bottom-up: no module imports one from a layer above its own."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import llmdpd_pl
+
+LAYERS = [
+    ["utils"],
+    ["envs"],
+    ["diffusion", "losses"],
+    ["layers", "networks", "prompt_encoders"],
+    ["policy", "task_bank"],
+    ["data.prompts", "data.embeddings", "data.collect", "data.batches", "data.datamodule"],
+    ["objectives", "module", "callbacks.ema"],
+    ["rollouts", "video", "callbacks.rollout_evaluation"],
+    ["cli"],
+]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+PACKAGE = Path(llmdpd_pl.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    names = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in paths}
+    return {n: p for n, p in names.items() if not n.endswith("__init__")}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmdpd_pl."):
+            found.add(node.module.removeprefix("llmdpd_pl."))
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+            found |= {n.removeprefix("llmdpd_pl.") for n in names if n.startswith("llmdpd_pl.")}
+    return found
+
+
+def test_every_module_has_a_layer() -> None:
+    assert sorted(_modules()) == sorted(LAYER)
+
+
+def test_no_module_imports_from_a_layer_above() -> None:
+    upward = [
+        f"{name} (layer {LAYER[name]}) imports {other} (layer {LAYER[other]})"
+        for name, path in _modules().items()
+        for other in _imports(path)
+        if LAYER[other] > LAYER[name]
+    ]
+    assert upward == []
+
+
+def test_no_package_file_is_over_300_lines() -> None:
+    long = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
+    assert {n: k for n, k in long.items() if k > 300} == {}
