@@ -15,7 +15,8 @@ from pathlib import Path
 
 from common import report
 
-from llmdpd_pl.data.collect import DatasetSpec, QualityLevel, collect
+from llmdpd_pl.data.collect import collect
+from llmdpd_pl.data.spec import DatasetSpec, QualityLevel
 
 
 def main() -> None:

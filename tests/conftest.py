@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from llmdpd_pl.data.collect import DatasetSpec, QualityLevel, collect
+from llmdpd_pl.data.collect import collect
+from llmdpd_pl.data.spec import DatasetSpec, QualityLevel
 
 SEEN_TASKS: tuple[str, ...] = ("reach", "push")
 UNSEEN_TASKS: tuple[str, ...] = ("box-close",)

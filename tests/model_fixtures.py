@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from llmdpd_pl.data.batches import Transitions
-from llmdpd_pl.data.collect import DatasetSpec
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
+from llmdpd_pl.data.spec import DatasetSpec
 from llmdpd_pl.module import LLMDPDModule
 from llmdpd_pl.task_bank import TaskPrompts
 

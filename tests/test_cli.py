@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from llmdpd_pl.cli import main
-from llmdpd_pl.data.collect import DatasetSpec, QualityLevel
 from llmdpd_pl.data.embeddings import TextEncoder
+from llmdpd_pl.data.spec import DatasetSpec, QualityLevel
 from tests.model_fixtures import ModelData, max_abs_diff, model_data, one_thread, write_config
 
 __all__ = ["model_data", "one_thread"]  # fixtures imported for pytest

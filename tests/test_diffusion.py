@@ -1,4 +1,4 @@
-"""Tests for llmdpd_pl.diffusion: pinned schedules, DDPM identities, the reverse chain, learning."""
+"""Tests for llmdpd_pl.diffusion: DDPM identities, the reverse chain, learning."""
 
 from __future__ import annotations
 
@@ -8,51 +8,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from llmdpd_pl.diffusion import GaussianDiffusion, linear_beta_schedule, vp_beta_schedule
+from llmdpd_pl.diffusion import GaussianDiffusion
 from llmdpd_pl.networks import Denoiser
+from llmdpd_pl.schedules import vp_beta_schedule
+from tests.test_schedules import vp_betas_by_hand
 
 # float32 buffers: identities hold to a few ulps of values of order 1-10.
 F32_TOL = 1e-5
-
-
-def _vp_betas_by_hand(n_steps: int, beta_min: float = 0.1, beta_max: float = 10.0) -> list[float]:
-    return [
-        1.0 - math.exp(-beta_min / n_steps - 0.5 * (beta_max - beta_min) * (2 * t - 1) / n_steps**2)
-        for t in range(1, n_steps + 1)
-    ]
-
-
-# ------------------------------------------------------------------------------------------- schedules
-def test_vp_schedule_pinned_k5() -> None:
-    betas = vp_beta_schedule(5)
-    assert betas.dtype == torch.float64 and betas.shape == (5,)
-    expected = _vp_betas_by_hand(5)
-    # float64 on both sides, same formula: agreement to rounding.
-    for got, want in zip(betas.tolist(), expected, strict=True):
-        assert got == pytest.approx(want, abs=1e-12)
-    # The literal values, so a change of formula on both sides is caught too (rounded to 6 places).
-    assert [round(b, 6) for b in betas.tolist()] == [0.195875, 0.458818, 0.635781, 0.754878, 0.835031]
-
-
-def test_vp_schedule_custom_endpoints() -> None:
-    betas = vp_beta_schedule(7, beta_min=0.5, beta_max=3.0)
-    for got, want in zip(betas.tolist(), _vp_betas_by_hand(7, 0.5, 3.0), strict=True):
-        assert got == pytest.approx(want, abs=1e-12)  # float64, same formula
-
-
-def test_linear_schedule_endpoints() -> None:
-    betas = linear_beta_schedule(100)
-    assert betas.dtype == torch.float64 and betas.shape == (100,)
-    assert betas[0].item() == pytest.approx(1e-4, abs=1e-15)  # float64 linspace endpoint is exact
-    assert betas[-1].item() == pytest.approx(2e-2, abs=1e-15)  # float64 linspace endpoint is exact
-    assert torch.all(betas.diff() > 0)
-
-
-@pytest.mark.parametrize("fn", [vp_beta_schedule, linear_beta_schedule])
-@pytest.mark.parametrize("n_steps", [0, -3])
-def test_schedule_rejects_bad_n_steps(fn, n_steps: int) -> None:
-    with pytest.raises(ValueError, match="n_steps"):
-        fn(n_steps)
 
 
 def test_diffusion_buffers_are_float32_and_consistent() -> None:
@@ -74,7 +36,7 @@ def test_diffusion_buffers_are_float32_and_consistent() -> None:
         buf = getattr(d, name)
         assert buf.dtype == torch.float32 and buf.shape == (5,), name
     expected_ab = 1.0
-    for k, beta in enumerate(_vp_betas_by_hand(5)):
+    for k, beta in enumerate(vp_betas_by_hand(5)):
         expected_ab *= 1.0 - beta
         # float64 -> float32 cast: relative error of one float32 ulp.
         assert d.alphas_cumprod[k].item() == pytest.approx(expected_ab, rel=1e-6)

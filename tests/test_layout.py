@@ -10,10 +10,10 @@ import llmdpd_pl
 LAYERS = [
     ["utils"],
     ["envs"],
-    ["diffusion", "losses"],
+    ["schedules", "diffusion", "losses"],
     ["layers", "networks", "prompt_encoders"],
     ["policy", "task_bank"],
-    ["data.prompts", "data.embeddings", "data.collect", "data.batches", "data.datamodule"],
+    ["data.prompts", "data.embeddings", "data.spec", "data.collect", "data.batches", "data.datamodule"],
     ["objectives", "module", "callbacks.ema"],
     ["rollouts", "video", "callbacks.rollout_evaluation"],
     ["cli"],

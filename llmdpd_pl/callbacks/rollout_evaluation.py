@@ -26,82 +26,23 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import Tensor
 from tqdm.auto import tqdm
 
+from llmdpd_pl.envs import make_eval_envs
 from llmdpd_pl.rollouts import (
     Counts,
     PolicyFn,
     TaskResult,
     expert_policy,
     format_results,
-    make_eval_envs,
     mean_success,
+    module_policy,
     run_episodes,
     shard,
     write_json,
 )
 from llmdpd_pl.utils import PROGRESS_INTERVAL, atomic_write
 from llmdpd_pl.video import MAX_GIF_FPS, CameraName, encode_gif, gif_summary, make_video_env, record_episode
-
-
-@torch.no_grad()
-def task_conditioning(module: Any, tasks: Tensor, prompt_index: int = 0) -> tuple[Tensor, Tensor]:
-    """z of the EMA actor, and of the online policy for the critics, for tasks (T,) → (T, C) each.
-
-    Prompts are fixed during an evaluation, so callers compute this once per task, not per step.
-    """
-    p = torch.full_like(tasks, prompt_index)
-    return module.encode_prompts(module.ema_policy, tasks, p), module.encode_prompts(module.policy, tasks, p)
-
-
-@torch.no_grad()
-def act_conditioned(
-    module: Any, obs: Tensor, z: Tensor, critic_z: Tensor, generator: torch.Generator | None = None
-) -> Tensor:
-    """The module's EMA actor's actions for raw states: (N, S), (N, C), (N, C) → (N, A) in [-1, 1].
-
-    ``model.action_selection`` picks the mode of ``PromptedPolicy.select_action``: ``q_softmax`` scores
-    ``n_action_candidates`` per state with the target critics (conditioned on ``critic_z``); ``sample``
-    draws one reverse chain.
-    """
-    q_softmax = module.hparams["action_selection"] == "q_softmax"
-    return module.ema_policy.select_action(
-        module.task_bank.normalize(obs),
-        z,
-        generator,
-        critic=module.critic_target if q_softmax else None,
-        critic_z=critic_z,
-        n_candidates=module.hparams["n_action_candidates"] if q_softmax else 1,
-    )
-
-
-@torch.no_grad()
-def act(
-    module: Any, obs: Tensor, tasks: Tensor, prompt_index: int = 0, generator: torch.Generator | None = None
-) -> Tensor:
-    """The module's EMA actor's actions for raw states of given tasks: (N, S), (N,) → (N, A) in [-1, 1]."""
-    unique, inverse = torch.unique(tasks, return_inverse=True)
-    z, critic_z = task_conditioning(module, unique, prompt_index)
-    return act_conditioned(module, obs, z[inverse], critic_z[inverse], generator)
-
-
-def module_policy(module: Any, prompt_index: int, seed: int) -> PolicyFn:
-    """The module's EMA actor as a :data:`PolicyFn`, conditioned on each task's prompts.
-
-    The prompts' encodings are computed once per task (the weights do not change during an evaluation).
-    """
-    gen = torch.Generator(device=module.device).manual_seed(seed)
-    conditioning: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def policy(obs: np.ndarray, task: str) -> np.ndarray:
-        if task not in conditioning:
-            conditioning[task] = task_conditioning(module, module.task_bank.task_ids([task]), prompt_index)
-        z, critic_z = (c.expand(len(obs), -1) for c in conditioning[task])
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=module.device)
-        return act_conditioned(module, obs_t, z, critic_z, gen).cpu().numpy()
-
-    return policy
 
 
 class RolloutEvaluation(L.Callback):

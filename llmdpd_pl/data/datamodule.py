@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from llmdpd_pl.data.batches import Batch, BatchStream, Transitions
-from llmdpd_pl.data.collect import DatasetSpec, Kind, collect, format_table, read_metadata
+from llmdpd_pl.data.collect import collect, format_table
 from llmdpd_pl.data.embeddings import EmbedStats, LLMSpec, embed_dim, embed_texts
 from llmdpd_pl.data.prompts import load_prompts, render_prompt
+from llmdpd_pl.data.spec import DatasetSpec, Kind, read_metadata
 from llmdpd_pl.envs import ACT_DIM, OBS_DIM, check_task_names, split_overlap
 from llmdpd_pl.task_bank import TaskPrompts
 

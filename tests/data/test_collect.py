@@ -18,16 +18,8 @@ import minari
 import numpy as np
 import pytest
 
-from llmdpd_pl.data.collect import (
-    METADATA_FILE,
-    DatasetSpec,
-    QualityLevel,
-    collect,
-    format_table,
-    is_complete,
-    read_metadata,
-    summarize,
-)
+from llmdpd_pl.data.collect import collect, format_table, summarize
+from llmdpd_pl.data.spec import METADATA_FILE, DatasetSpec, QualityLevel, is_complete, read_metadata
 from llmdpd_pl.envs import ACT_DIM, OBS_DIM
 from tests.conftest import EPISODE_STEPS, SEEN_TASKS, UNSEEN_TASKS, Collected
 
@@ -252,7 +244,8 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import sys, warnings
     warnings.filterwarnings("ignore")
-    from llmdpd_pl.data.collect import DatasetSpec, QualityLevel, collect
+    from llmdpd_pl.data.collect import collect
+    from llmdpd_pl.data.spec import DatasetSpec, QualityLevel
     spec = DatasetSpec(root=sys.argv[1], levels={"expert": QualityLevel(100, 0.1)}, prompt_episodes=1,
                        max_episode_steps=5, workers=1)
     collect(spec, ["reach"], [], progress=False)

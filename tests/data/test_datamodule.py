@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from llmdpd_pl.data.batches import Batch
-from llmdpd_pl.data.collect import DatasetSpec
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.embeddings import EmbedStats, LLMSpec, TextEncoder, embed_texts
+from llmdpd_pl.data.spec import DatasetSpec
 from llmdpd_pl.envs import ACT_DIM, OBS_DIM
 from tests.conftest import EPISODE_STEPS, SEEN_TASKS, UNSEEN_TASKS, Collected
 
