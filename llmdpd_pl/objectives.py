@@ -61,7 +61,7 @@ class Draws:
 
 def draw(diffusion: GaussianDiffusion, action: Tensor, n_backup: int, generator: torch.Generator) -> Draws:
     """Every draw of one update from ``generator``, in a fixed order: dataset actions (B, A) → ``Draws``."""
-    device, shape = action.device, tuple(action.shape)
+    device, shape = action.device, (action.shape[0], action.shape[1])
     target_noise = diffusion.chain_noise((shape[0] * n_backup, shape[1]), generator, device)
     a_k, k, eps = diffusion.loss_inputs(action, generator)
     chain_noise = diffusion.chain_noise(shape, generator, device)

@@ -92,7 +92,7 @@ class PromptedPolicy(nn.Module):
 
     def parameter_groups(self) -> dict[str, Iterable[nn.Parameter]]:
         """The parameters by network (denoiser, text_head, traj_encoder), e.g. for gradient norms."""
-        groups = {"denoiser": self.denoiser.parameters()}
+        groups: dict[str, Iterable[nn.Parameter]] = {"denoiser": self.denoiser.parameters()}
         if self.text_head is not None:
             groups["text_head"] = self.text_head.parameters()
         if self.traj_encoder is not None:
