@@ -28,9 +28,10 @@ from common import matmul_peaks, peak_fields, report
 from torch.utils.flop_counter import FlopCounterMode
 from train_step import build
 
+from llmdpd_pl.acting import module_policy
 from llmdpd_pl.envs import make_eval_envs
 from llmdpd_pl.module import LLMDPDModule
-from llmdpd_pl.rollouts import module_policy, run_episodes
+from llmdpd_pl.rollouts import run_episodes
 
 
 def steps_per_s(policy, task: str, envs, episodes: int, steps: int) -> float:  # type: ignore[no-untyped-def]

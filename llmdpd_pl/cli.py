@@ -7,6 +7,7 @@ datamodule, and linked into the model.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Literal
 
 import lightning as L
@@ -36,6 +37,9 @@ class LLMDPDTrainer(L.Trainer):
         expert: bool | None = None,
         output: str | None = None,
         videos: int | None = None,
+        prompt_index: int | Literal["all"] | None = None,
+        prompts_from: Literal["config", "checkpoint"] | None = None,
+        prompt_swap: Literal["text", "trajectory", "both"] | None = None,
     ) -> Any:
         """Evaluate a checkpoint by rollouts on the config's unseen (and optionally seen) tasks.
 
@@ -51,6 +55,12 @@ class LLMDPDTrainer(L.Trainer):
             output: Path of the results JSON.
             videos: Episodes per task to record as GIFs (``<log_dir>/videos/test/``) and TensorBoard
                 images, besides the scored ones (overrides ``RolloutEvaluation.video_episodes``; 0: none).
+            prompt_index: The prompt trajectory that conditions each task, or ``all`` (round robin over
+                the episodes).
+            prompts_from: ``config`` (default): the config's prompts, for any task; ``checkpoint``: the
+                training-time prompt banks, exactly.
+            prompt_swap: Also run the prompt-sensitivity matrix, swapping the ``text``, ``trajectory`` or
+                ``both`` prompts between tasks (JSON and PNG in the log dir, a TensorBoard image).
         """
         from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
 
@@ -67,10 +77,51 @@ class LLMDPDTrainer(L.Trainer):
                 if videos < 0:
                     raise ValueError(f"--videos must be >= 0, got {videos}")
                 cb.video_episodes = videos
+            if prompt_index is not None:
+                if prompt_index != "all" and prompt_index < 0:
+                    raise ValueError(f"--prompt_index must be >= 0 or 'all', got {prompt_index}")
+                cb.prompt_index = prompt_index
+            cb.prompts_from = prompts_from or cb.prompts_from
+            cb.prompt_swap = prompt_swap or cb.prompt_swap
             cb.test_seen = cb.test_seen if seen is None else seen
             cb.expert_reference = cb.expert_reference if expert is None else expert
             cb.output = output or cb.output
         return super().test(model, dataloaders, ckpt_path, verbose, datamodule)
+
+
+#: ``model`` keys that shape the network or its inputs: ``llmdpd test`` takes them from the checkpoint only.
+ARCHITECTURE_KEYS = frozenset({
+    "obs_dim", "act_dim", "text_embed_dim", "traj_prompt_len", "prompts", "text_source", "text_seed",
+    "prompt_dim", "n_diffusion_steps", "beta_schedule", "hidden_dim", "traj_d_model", "traj_layers",
+    "traj_heads",
+})  # fmt: skip
+#: ``model`` keys that only change how a trained policy acts: ``llmdpd test`` applies the given value.
+EVALUATION_KEYS = frozenset({"action_selection", "n_action_candidates", "compile"})
+
+
+def reconcile_with_checkpoint(
+    given: dict[str, Any], trained: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """``model`` values for ``llmdpd test``: the checkpoint's, except evaluation keys, which are the given
+    ones. Returns them and one note per key whose given value differs from the checkpoint's; a
+    ``ValueError`` names every architecture key that differs."""
+    values, notes, errors = dict(trained), [], []
+    for key, value in given.items():
+        if value is None or key not in trained or trained[key] == value:
+            continue
+        line = f"model.{key}: given {value!r}, the checkpoint's is {trained[key]!r}"
+        if key in ARCHITECTURE_KEYS:
+            errors.append(line)
+        elif key in EVALUATION_KEYS:
+            values[key] = value
+            notes.append(f"{line}; applied (it changes only how the trained policy acts)")
+        else:
+            notes.append(f"{line}; not used by llmdpd test (a training setting)")
+    if errors:
+        raise ValueError(
+            "; ".join(errors) + ". A checkpoint's architecture is fixed: drop these overrides or train anew"
+        )
+    return values, notes
 
 
 class LLMDPDCLI(LightningCLI):
@@ -92,8 +143,22 @@ class LLMDPDCLI(LightningCLI):
             "runs at 'highest' (its embeddings are cached).",
         )
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, and keep ``llmdpd test``'s own model values: the checkpoint's hyperparameters replace them
+        next, and :meth:`before_instantiate_classes` reconciles the two."""
+        super().parse_arguments(parser, args)
+        if self.config.get("subcommand") == "test":
+            self._given_model = self.config.test.model.clone().as_dict()
+
     def before_instantiate_classes(self) -> None:
         torch.set_float32_matmul_precision(self._get(self.config, "float32_matmul_precision"))
+        if self.config.get("subcommand") == "test" and self.config.test.get("ckpt_path"):
+            trained = torch.load(self.config.test.ckpt_path, map_location="cpu", weights_only=True)
+            values, notes = reconcile_with_checkpoint(self._given_model, trained.get("hyper_parameters", {}))
+            for key in EVALUATION_KEYS & values.keys():
+                self.config.test.model[key] = values[key]
+            for note in notes:
+                print(note, file=sys.stderr)
 
     def after_test(self) -> None:
         """The results JSON's path is the last line ``llmdpd test`` prints."""

@@ -140,25 +140,21 @@ class LLMDPDModule(L.LightningModule):
         self.updates = 0
         self._ema: tuple[PromptedPolicy, ...] = ()
         self._ema_z: Tensor | None = None  # (T, n, C): the EMA's z of every training prompt, until it changes
+        self._ema_z_bank = -1  # the task bank's version that _ema_z was computed from
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
-        """Fill the task bank (saved with the weights) from the datamodule, if any."""
+        """Fit: fill the task bank (saved with the weights) from the datamodule. ``llmdpd test`` fills it
+        after the checkpoint is restored (``RolloutEvaluation``)."""
         dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is not None and getattr(dm, "task_prompts", None) is not None:
+        if stage == "fit" and getattr(dm, "task_prompts", None) is not None:
             self.task_bank.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
-            self._ema_z = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        names, n_seen = list(self.task_bank.task_names), self.task_bank.n_seen
-        checkpoint["llmdpd"] = {"updates": self.updates, "task_names": names, "n_seen": n_seen}
+        checkpoint["llmdpd"] = {"updates": self.updates}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        extra = checkpoint.get("llmdpd", {})
-        self.updates = int(extra.get("updates", 0))
-        self.task_bank.task_names = tuple(extra.get("task_names", self.task_bank.task_names))
-        self.task_bank.n_seen = int(extra.get("n_seen", self.task_bank.n_seen))
-        self._ema_z = None
+        self.updates = int(checkpoint.get("llmdpd", {}).get("updates", 0))
 
     def configure_optimizers(self) -> Any:
         actor_opt_fn, critic_opt_fn, actor_sched_fn, critic_sched_fn = self._optimizers
@@ -199,13 +195,16 @@ class LLMDPDModule(L.LightningModule):
         return self._ema[0] if self._ema else self.policy
 
     # ------------------------------------------------------------------ prompts
-    def encode_prompts(self, policy: PromptedPolicy, tasks: Tensor, prompt_index: Tensor) -> Tensor:
+    def encode_prompts(
+        self, policy: PromptedPolicy, tasks: Tensor, prompt_index: Tensor, traj_tasks: Tensor | None = None
+    ) -> Tensor:
         """``policy``'s z of tasks (T,), each with its trajectory prompt ``prompt_index`` (T,): → (T, C).
 
-        Compiled with ``compile``; differentiable in ``policy``'s prompt encoders unless under no_grad.
+        ``traj_tasks`` (T,) takes the trajectory prompts from other tasks. Compiled with ``compile``;
+        differentiable in ``policy``'s prompt encoders unless under no_grad.
         """
         encode = maybe_compiled(PromptedPolicy.encode_prompts, self.hparams["compile"])
-        return encode(policy, *self.task_bank.prompts(tasks, prompt_index))
+        return encode(policy, *self.task_bank.prompts(tasks, prompt_index, traj_tasks))
 
     @torch.no_grad()
     def ema_prompt_embeddings(self, prompt_index: Tensor) -> Tensor:
@@ -213,14 +212,14 @@ class LLMDPDModule(L.LightningModule):
 
         The EMA's weights change only when :class:`ActorEMA` writes them (every ``every`` updates once it
         averages), so the z of every training prompt of every seen task is computed once after each write
-        (:meth:`ema_updated`), and gathered until the next one.
+        (:meth:`ema_updated`) or change of the task bank, and gathered until the next one.
         """
         seen = torch.arange(self.task_bank.n_seen, device=self.device)
-        if self._ema_z is None:
+        if self._ema_z is None or self._ema_z_bank != self.task_bank.version:
             n = self._n_train_prompts()
             index = torch.arange(n, device=self.device).repeat(len(seen))  # (T·n,)
             z = self.encode_prompts(self.ema_policy, seen.repeat_interleave(n), index)
-            self._ema_z = z.view(len(seen), n, -1)  # (T, n, C)
+            self._ema_z, self._ema_z_bank = z.view(len(seen), n, -1), self.task_bank.version  # (T, n, C)
         return self._ema_z[seen, prompt_index]
 
     def _n_train_prompts(self) -> int:

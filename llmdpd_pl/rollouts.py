@@ -5,10 +5,6 @@ identified by an integer id; episode ``i`` of a task runs layout ``i mod 50`` of
 benchmark (Meta-World ignores ``reset(seed)``, so :class:`~llmdpd_pl.envs.LayoutReset` sets the layout
 itself), which makes episodes reproducible and lets DDP ranks shard them exactly: rank r runs ids
 r, r+W, r+2W, ... and the counts are summed, so 7 episodes on 2 ranks are 7 episodes.
-
-A trained ``LLMDPDModule`` acts here through :func:`module_policy` (numpy in, numpy out, one task per
-call) or :func:`act` (tensors): both condition its EMA policy on the task's prompts and call
-``PromptedPolicy.select_action`` with the module's ``action_selection``.
 """
 
 from __future__ import annotations
@@ -22,8 +18,6 @@ from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
-import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from llmdpd_pl.envs import MAX_EPISODE_STEPS, make_eval_envs, scripted_policy
@@ -52,6 +46,9 @@ class Counts:
     @classmethod
     def from_array(cls, a: Sequence[float]) -> Counts:
         return cls(int(round(a[0])), int(round(a[1])), float(a[2]), float(a[3]), float(a[4]))
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts.from_array(self.as_array() + other.as_array())
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -186,65 +183,6 @@ def expert_policy() -> PolicyFn:
 def random_policy(seed: int = 0) -> PolicyFn:
     rng = np.random.default_rng(seed)
     return lambda obs, task: rng.uniform(-1, 1, size=(len(obs), 4)).astype(np.float32)
-
-
-@torch.no_grad()
-def task_conditioning(module: Any, tasks: Tensor, prompt_index: int = 0) -> tuple[Tensor, Tensor]:
-    """z of the EMA actor, and of the online policy for the critics, for tasks (T,) → (T, C) each.
-
-    Prompts are fixed during an evaluation, so callers compute this once per task, not per step.
-    """
-    p = torch.full_like(tasks, prompt_index)
-    return module.encode_prompts(module.ema_policy, tasks, p), module.encode_prompts(module.policy, tasks, p)
-
-
-@torch.no_grad()
-def act_conditioned(
-    module: Any, obs: Tensor, z: Tensor, critic_z: Tensor, generator: torch.Generator | None = None
-) -> Tensor:
-    """The module's EMA actor's actions for raw states: (N, S), (N, C), (N, C) → (N, A) in [-1, 1].
-
-    ``model.action_selection`` picks the mode of ``PromptedPolicy.select_action``: ``q_softmax`` scores
-    ``n_action_candidates`` per state with the target critics (conditioned on ``critic_z``); ``sample``
-    draws one reverse chain.
-    """
-    q_softmax = module.hparams["action_selection"] == "q_softmax"
-    return module.ema_policy.select_action(
-        module.task_bank.normalize(obs),
-        z,
-        generator,
-        critic=module.critic_target if q_softmax else None,
-        critic_z=critic_z,
-        n_candidates=module.hparams["n_action_candidates"] if q_softmax else 1,
-    )
-
-
-@torch.no_grad()
-def act(
-    module: Any, obs: Tensor, tasks: Tensor, prompt_index: int = 0, generator: torch.Generator | None = None
-) -> Tensor:
-    """The module's EMA actor's actions for raw states of given tasks: (N, S), (N,) → (N, A) in [-1, 1]."""
-    unique, inverse = torch.unique(tasks, return_inverse=True)
-    z, critic_z = task_conditioning(module, unique, prompt_index)
-    return act_conditioned(module, obs, z[inverse], critic_z[inverse], generator)
-
-
-def module_policy(module: Any, prompt_index: int, seed: int) -> PolicyFn:
-    """The module's EMA actor as a :data:`PolicyFn`, conditioned on each task's prompts.
-
-    The prompts' encodings are computed once per task (the weights do not change during an evaluation).
-    """
-    gen = torch.Generator(device=module.device).manual_seed(seed)
-    conditioning: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def policy(obs: np.ndarray, task: str) -> np.ndarray:
-        if task not in conditioning:
-            conditioning[task] = task_conditioning(module, module.task_bank.task_ids([task]), prompt_index)
-        z, critic_z = (c.expand(len(obs), -1) for c in conditioning[task])
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=module.device)
-        return act_conditioned(module, obs_t, z, critic_z, gen).cpu().numpy()
-
-    return policy
 
 
 def mean_success(rows: Sequence[TaskResult], policy: str = "agent") -> dict[str, float]:

@@ -33,12 +33,16 @@ class TaskPrompts:
         text_embedding: (T, E) frozen-LLM embedding M(z_text) of each task's text prompt.
         traj_obs: (T, P, L, S) states of each task's prompt trajectories (raw).
         traj_act: (T, P, L, A) actions of each task's prompt trajectories.
+        llm: The identity of the LLM that embedded the text (``data.embeddings.llm_identity``), if known.
+        texts: (T,) the LLM input of each task's text prompt, if known.
     """
 
     names: tuple[str, ...]
     text_embedding: Tensor
     traj_obs: Tensor
     traj_act: Tensor
+    llm: dict[str, Any] | None = None
+    texts: tuple[str, ...] | None = None
 
 
 class PromptInputs(NamedTuple):
@@ -51,6 +55,10 @@ class PromptInputs(NamedTuple):
 
 class TaskBank(nn.Module):
     """The tasks' prompt banks and the observation statistics, filled by :meth:`fill` and saved as buffers.
+
+    The task names, the number of seen tasks, the LLM's identity and the prompt texts are saved with them
+    (``get_extra_state``). :attr:`version` counts fills and loads, so what is computed from the banks can
+    tell when they changed.
 
     Args:
         obs_dim: S.
@@ -86,6 +94,9 @@ class TaskBank(nn.Module):
         self.register_buffer("obs_std", torch.ones(obs_dim))
         self.task_names: tuple[str, ...] = ()
         self.n_seen = 0
+        self.llm: dict[str, Any] | None = None
+        self.texts: tuple[str, ...] | None = None
+        self.version = 0
 
     def fill(self, prompts: TaskPrompts, obs_mean: Tensor, obs_std: Tensor, n_seen: int) -> None:
         """Copy every task's prompts and the observation statistics (S,), (S,) into the buffers."""
@@ -107,6 +118,18 @@ class TaskBank(nn.Module):
         self.traj_act_bank = prompts.traj_act.to(device)
         self.obs_mean, self.obs_std = obs_mean.to(device), obs_std.to(device)
         self.task_names, self.n_seen = tuple(prompts.names), n_seen
+        self.llm, self.texts = prompts.llm, prompts.texts
+        self.version += 1
+
+    def get_extra_state(self) -> dict[str, Any]:
+        texts = None if self.texts is None else list(self.texts)
+        return {"task_names": list(self.task_names), "n_seen": self.n_seen, "llm": self.llm, "texts": texts}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.task_names, self.n_seen = tuple(state["task_names"]), int(state["n_seen"])
+        self.llm, texts = state.get("llm"), state.get("texts")
+        self.texts = None if texts is None else tuple(texts)
+        self.version += 1
 
     @property
     def n_prompts(self) -> int:
@@ -117,10 +140,14 @@ class TaskBank(nn.Module):
         """(…, S) raw states → (…, S) standardised with the seen-task statistics."""
         return (obs - self.obs_mean) / self.obs_std
 
-    def prompts(self, tasks: Tensor, prompt_index: Tensor) -> PromptInputs:
-        """The given tasks' text embeddings and trajectory prompt ``prompt_index``: (T,), (T,) → (T, …)."""
-        traj_obs = self.normalize(self.traj_obs_bank[tasks, prompt_index])  # (T, L, S)
-        return PromptInputs(self.text_bank[tasks], traj_obs, self.traj_act_bank[tasks, prompt_index])
+    def prompts(self, tasks: Tensor, prompt_index: Tensor, traj_tasks: Tensor | None = None) -> PromptInputs:
+        """Tasks' text embeddings and trajectory prompt ``prompt_index``: (T,), (T,) → (T, …).
+
+        ``traj_tasks`` (T,) takes the trajectory prompts from other tasks (the prompt-swap test).
+        """
+        traj_tasks = tasks if traj_tasks is None else traj_tasks
+        traj_obs = self.normalize(self.traj_obs_bank[traj_tasks, prompt_index])  # (T, L, S)
+        return PromptInputs(self.text_bank[tasks], traj_obs, self.traj_act_bank[traj_tasks, prompt_index])
 
     def task_ids(self, names: Iterable[str]) -> Tensor:
         """Indices of task names in this bank: names → (N,) int64."""

@@ -140,7 +140,7 @@ def bandit_prompts(text_dim: int = 8, traj_len: int = 3) -> TaskPrompts:
 
 def trained_state(module: LLMDPDModule) -> dict[str, Tensor]:
     """Everything training changes in the module (weights, target critics), detached CPU clones."""
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if isinstance(v, Tensor)}
 
 
 def max_abs_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:

@@ -38,7 +38,9 @@ def test_fit_writes_checkpoint_and_resumes(model_data: ModelData, tmp_path: Path
     assert len(checkpoints) == 1, checkpoints
     ckpt = _load(checkpoints[0])
     assert ckpt["global_step"] == 6 and ckpt["llmdpd"]["updates"] == 3
-    assert ckpt["llmdpd"]["task_names"] == ["reach", "push", "box-close"]
+    bank = ckpt["state_dict"]["task_bank._extra_state"]
+    assert bank["task_names"] == ["reach", "push", "box-close"] and bank["n_seen"] == 2
+    assert bank["llm"]["model"] == "minilm" and len(bank["llm"]["weights"]) == 64  # the LLM's identity
     assert "ActorEMA" in ckpt["callbacks"]
     stream_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert stream_state == [{"consumed": 3, "seed": 0, "rank": 0}]

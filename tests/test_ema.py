@@ -174,7 +174,7 @@ def test_ema_prompt_embeddings_are_recomputed_exactly_when_the_ema_changes(model
     module.ema_updated()
     assert table is not None and not torch.equal(check(last), table[seen, last])
     ema.load_state_dict(module.policy.state_dict())  # a checkpoint-style load, then its notice
-    module.on_load_checkpoint({})
+    module.ema_updated()
     check(first)
 
 

@@ -15,7 +15,7 @@ LAYERS = [
     ["policy", "task_bank"],
     ["data.prompts", "data.embeddings", "data.spec", "data.collect", "data.batches", "data.datamodule"],
     ["objectives", "module", "callbacks.ema"],
-    ["rollouts", "video", "callbacks.rollout_evaluation"],
+    ["rollouts", "acting", "video", "prompt_matrix", "callbacks.rollout_evaluation"],
     ["cli"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -19,12 +19,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
+from llmdpd_pl.acting import act, act_conditioned, task_conditioning
 from llmdpd_pl.callbacks.ema import ActorEMA
 from llmdpd_pl.data.batches import Batch, BatchStream
 from llmdpd_pl.module import LLMDPDModule
 from llmdpd_pl.objectives import actor_objective, critic_objective, draw
 from llmdpd_pl.policy import scored_candidates
-from llmdpd_pl.rollouts import act, act_conditioned, task_conditioning
 from llmdpd_pl.utils import clip_grad_norms, maybe_compiled
 from tests.model_fixtures import (
     ModelData,

@@ -6,18 +6,27 @@ runs ``test_episodes`` per task, prints the results table (with the scripted exp
 and writes the same as JSON, whose path is the last line printed. Episodes are sharded across DDP ranks
 and the counts summed, so each episode counts exactly once.
 
+**Prompts at test time.** ``llmdpd test --config C --ckpt_path P`` conditions every task of C on C's prompts
+(``prompts_from="config"``): its text prompts, with any ``data.prompts`` overrides, through the embedding
+cache, and its prompt trajectories, collected if missing. Tasks the checkpoint never saw are fine. What
+training learned comes from the checkpoint: the weights, the EMA actor and the observation statistics of
+the training data. The LLM must be the one the checkpoint's text head was trained with.
+``prompts_from="checkpoint"`` keeps the training-time prompt banks exactly. ``prompt_index`` picks the
+prompt trajectory, or ``"all"``: episode i then runs with trajectory i mod P. ``prompt_swap`` adds the
+prompt-sensitivity matrix (:mod:`llmdpd_pl.prompt_matrix`).
+
 With ``video_episodes > 0`` each evaluation also records that many extra episodes of the agent per task
 (:mod:`llmdpd_pl.video`), after the scored ones, which they do not change. Each becomes a GIF,
 ``<log_dir>/videos/test/<split>/<task>_ep<k>.gif`` in ``llmdpd test`` and
 ``<log_dir>/videos/update<U>/<split>/<task>_ep<k>.gif`` during fit (listed under ``"videos"`` in the
 results JSON), and, with a ``TensorBoardLogger``, an animated image ``test/<split>/<task>/video_ep<k>``
 (at step ``updates``) or ``eval/<split>/<task>/video_ep<k>`` (at the step of the ``eval/`` metrics).
-Rank 0 records them all while the other ranks go on: keep them few under DDP, where a rank that reaches
-a collective waits for rank 0 (NCCL's timeout is 30 min).
+Rank 0 records them all while the other ranks wait: keep them few under DDP (NCCL's timeout is 30 min).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +37,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tqdm.auto import tqdm
 
+from llmdpd_pl.acting import conditioning_record, module_policy
+from llmdpd_pl.data.embeddings import check_same_llm
 from llmdpd_pl.envs import make_eval_envs
+from llmdpd_pl.prompt_matrix import Swap, format_matrix, prompt_sources, success_matrix, write_matrix
 from llmdpd_pl.rollouts import (
     Counts,
     PolicyFn,
@@ -36,13 +48,12 @@ from llmdpd_pl.rollouts import (
     expert_policy,
     format_results,
     mean_success,
-    module_policy,
     run_episodes,
     shard,
     write_json,
 )
-from llmdpd_pl.utils import PROGRESS_INTERVAL, atomic_write
-from llmdpd_pl.video import MAX_GIF_FPS, CameraName, encode_gif, gif_summary, make_video_env, record_episode
+from llmdpd_pl.utils import PROGRESS_INTERVAL
+from llmdpd_pl.video import MAX_GIF_FPS, CameraName, VideoRecorder
 
 
 class RolloutEvaluation(L.Callback):
@@ -56,7 +67,12 @@ class RolloutEvaluation(L.Callback):
         vectorization: ``sync`` (right for 2 cores) or ``async`` (one process per env).
         test_seen: In ``llmdpd test``, evaluate the seen tasks too, not only the unseen ones.
         expert_reference: In ``llmdpd test``, add the scripted expert's row for each task.
-        prompt_index: Which prompt trajectory of each task conditions the policy (recorded in the JSON).
+        prompt_index: Which prompt trajectory of each task conditions the policy, or ``all``: episode i
+            runs with trajectory i mod P (recorded in the JSON).
+        prompts_from: In ``llmdpd test``, condition on the config's prompts (``config``) or keep the
+            checkpoint's training-time prompt banks (``checkpoint``).
+        prompt_swap: In ``llmdpd test``, also run the prompt-sensitivity matrix, swapping the ``text``,
+            ``trajectory`` or ``both`` prompts between the evaluated tasks (``None``: no matrix).
         max_steps: Episode length (Meta-World: 500).
         seed: Evaluation seed (env layouts and action sampling).
         output: JSON path of ``llmdpd test``; default ``<log_dir>/test_results.json``.
@@ -78,7 +94,9 @@ class RolloutEvaluation(L.Callback):
         vectorization: Literal["sync", "async"] = "sync",
         test_seen: bool = True,
         expert_reference: bool = True,
-        prompt_index: int = 0,
+        prompt_index: int | Literal["all"] = 0,
+        prompts_from: Literal["config", "checkpoint"] = "config",
+        prompt_swap: Swap | None = None,
         max_steps: int = 500,
         seed: int = 0,
         output: str | None = None,
@@ -97,6 +115,7 @@ class RolloutEvaluation(L.Callback):
             ("video_size", video_size, 16),
             ("video_stride", video_stride, 1),
             ("video_fps", video_fps, 1),
+            ("prompt_index", 0 if prompt_index == "all" else prompt_index, 0),
         ):
             if value < low:
                 raise ValueError(f"RolloutEvaluation.{name} must be >= {low}, got {value}")
@@ -108,14 +127,15 @@ class RolloutEvaluation(L.Callback):
         self.every_n_updates, self.episodes, self.test_episodes = every_n_updates, episodes, test_episodes
         self.num_envs, self.vectorization, self.test_seen = num_envs, vectorization, test_seen
         self.expert_reference, self.prompt_index, self.max_steps = expert_reference, prompt_index, max_steps
+        self.prompts_from, self.prompt_swap = prompts_from, prompt_swap
         self.seed, self.output = seed, output
-        self.video_episodes, self.video_size, self.video_camera = video_episodes, video_size, video_camera
-        self.video_stride, self.video_fps = video_stride, video_fps
+        self.video_episodes = video_episodes
+        self.recorder = VideoRecorder(seed, video_size, video_camera, video_stride, video_fps, max_steps)
         self.results: list[TaskResult] = []
+        self.matrix: list[list[float]] | None = None
         self.videos: list[dict[str, Any]] = []
         self.json_path: Path | None = None
         self._envs: dict[tuple[str, int], gym.vector.VectorEnv] = {}
-        self._video_envs: dict[tuple[str, int, str], gym.Env] = {}
 
     def _envs_for(self, task: str, n_episodes: int) -> gym.vector.VectorEnv | None:
         """The task's vector env, built once (an env takes ~0.6 s to build) and reused by every evaluation."""
@@ -130,42 +150,44 @@ class RolloutEvaluation(L.Callback):
         for envs in self._envs.values():
             envs.close()
         self._envs.clear()
-        for env in self._video_envs.values():
-            env.close()
-        self._video_envs.clear()
+        self.recorder.close()
 
     def _tasks(self, trainer: L.Trainer, seen: bool) -> list[tuple[str, str]]:
         dm = trainer.datamodule
         return [(t, "seen") for t in dm.seen_tasks if seen] + [(t, "unseen") for t in dm.unseen_tasks]
 
+    def _agent(
+        self, pl_module: Any, seed: int, sources: Mapping[str, tuple[str, str]] | None = None
+    ) -> list[PolicyFn]:
+        """The module's policy once per prompt trajectory it runs with (all of them with ``all``)."""
+        indices = range(pl_module.task_bank.n_prompts) if self.prompt_index == "all" else [self.prompt_index]
+        return [module_policy(pl_module, int(p), seed, sources) for p in indices]
+
     def evaluate(
-        self, trainer: L.Trainer, policies: dict[str, PolicyFn], tasks: list[tuple[str, str]], episodes: int
+        self,
+        trainer: L.Trainer,
+        policies: Mapping[str, Sequence[PolicyFn]],
+        tasks: Sequence[tuple[str, str]],
+        episodes: int,
     ) -> list[TaskResult]:
-        """Counts of this rank's shard, summed over ranks, as rows (same on every rank)."""
+        """Counts of this rank's shard, summed over ranks, as rows (same on every rank).
+
+        Each entry of ``policies`` is a round robin: episode i runs with its ``i mod len``-th policy.
+        """
         rank, world = trainer.global_rank, trainer.world_size
         ids = shard(episodes, rank, world)
         total = len(ids) * self.max_steps * len(tasks) * len(policies)
-        bar = tqdm(
-            total=total,
-            desc="eval",
-            unit="step",
-            disable=rank != 0,
-            leave=False,
-            mininterval=PROGRESS_INTERVAL,
-        )
+        bar = tqdm(total=total, desc="eval", unit="step", disable=rank != 0, leave=False,
+                   mininterval=PROGRESS_INTERVAL)  # fmt: skip
         local = []
-        for policy in policies.values():
+        for robin in policies.values():
             for task, _ in tasks:
-                counts = run_episodes(
-                    policy,
-                    task,
-                    ids,
-                    self.num_envs,
-                    self.seed,
-                    self.max_steps,
-                    envs=self._envs_for(task, len(ids)),
-                    progress=bar,
-                )
+                counts = Counts()
+                for k, policy in enumerate(robin):
+                    mine = [i for i in ids if i % len(robin) == k]
+                    envs = self._envs_for(task, len(ids))
+                    counts += run_episodes(policy, task, mine, self.num_envs, self.seed, self.max_steps,
+                                           envs=envs, progress=bar)  # fmt: skip
                 local.append(counts.as_array())
         bar.close()
         summed = torch.as_tensor(np.stack(local), dtype=torch.float64)
@@ -177,64 +199,13 @@ class RolloutEvaluation(L.Callback):
                 i += 1
         return rows
 
-    def record_videos(
-        self,
-        trainer: L.Trainer,
-        policy: PolicyFn,
-        tasks: list[tuple[str, str]],
-        directory: Path,
-        tag: str,
-        step: int,
-    ) -> list[dict[str, Any]]:
-        """Record ``video_episodes`` episodes of ``policy`` per task as GIFs in ``directory/<split>/`` and
-        as ``<tag>/<split>/<task>/video_ep<k>`` images in TensorBoard; return one JSON entry per video."""
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        bar = tqdm(
-            total=len(tasks) * self.video_episodes * self.max_steps,
-            desc="video",
-            unit="step",
-            leave=False,
-            mininterval=PROGRESS_INTERVAL,
-        )
-        entries = []
-        for task, split in tasks:
-            key = (task, self.video_size, self.video_camera)
-            if key not in self._video_envs:  # ~0.6 s to build, so reused by every evaluation
-                self._video_envs[key] = make_video_env(task, self.seed, self.video_size, self.video_camera)
-            for k in range(self.video_episodes):
-                video = record_episode(
-                    policy, task, k, self._video_envs[key], self.max_steps, self.video_stride
-                )
-                gif = encode_gif(video.frames, self.video_fps)
-                path = atomic_write(directory / split / f"{task}_ep{k}.gif", gif)
-                summary = gif_summary(f"{tag}/{split}/{task}/video_ep{k}", gif, *video.frames.shape[1:3])
-                for writer in writers:
-                    # add_video's own route (it needs moviepy to encode): the writer's event file writer
-                    writer.file_writer.add_summary(summary, step)
-                    writer.flush()
-                entries.append(
-                    {
-                        "task": task,
-                        "split": split,
-                        "episode": k,
-                        "path": str(path),
-                        "frames": len(video.frames),
-                        "success": video.success,
-                        "return": video.episode_return,
-                        "length": video.length,
-                    }
-                )
-                bar.update(self.max_steps)
-        bar.close()
-        return entries
-
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self.every_n_updates or pl_module.updates % self.every_n_updates:
             return
-        policy = module_policy(pl_module, self.prompt_index, self.seed + pl_module.updates)
-        rows = self.evaluate(trainer, {"agent": policy}, self._tasks(trainer, seen=True), self.episodes)
+        agent = self._agent(pl_module, self.seed + pl_module.updates)
+        rows = self.evaluate(trainer, {"agent": agent}, self._tasks(trainer, seen=True), self.episodes)
         metrics: dict[str, float] = {}
         for r in rows:
             metrics[f"eval/{r.split}/{r.task}/success"] = r.success_rate
@@ -249,49 +220,81 @@ class RolloutEvaluation(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if self.video_episodes and trainer.is_global_zero:
-            self.record_videos(
-                trainer,
-                module_policy(pl_module, self.prompt_index, self.seed + pl_module.updates),
-                self._tasks(trainer, seen=True),
-                Path(trainer.log_dir or ".") / "videos" / f"update{pl_module.updates}",
-                "eval",
-                step,
-            )
+            directory = Path(trainer.log_dir or ".") / "videos" / f"update{pl_module.updates}"
+            agent = self._agent(pl_module, self.seed + pl_module.updates)
+            self.recorder.record(agent[0], self._tasks(trainer, seen=True), self.video_episodes, directory,
+                                 "eval", step, _tensorboards(trainer))  # fmt: skip
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        """Condition the restored model on the config's prompts (module docstring), or check that the
+        checkpoint's banks hold every task to evaluate."""
+        bank, given = pl_module.task_bank, trainer.datamodule.task_prompts
+        if self.prompts_from == "checkpoint":
+            if missing := [t for t, _ in self._tasks(trainer, self.test_seen) if t not in bank.task_names]:
+                raise ValueError(f"prompts_from: the checkpoint's task banks lack {missing} (they hold "
+                                 f"{list(bank.task_names)}); --prompts_from config gives them")  # fmt: skip
+            return
+        if bank.llm is not None and given.llm is not None and pl_module.policy.uses_text:
+            check_same_llm(bank.llm, given.llm)
+        # The observation statistics are the training data's, restored with the weights.
+        bank.fill(given, bank.obs_mean.clone(), bank.obs_std.clone(), len(trainer.datamodule.seen_tasks))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        policies = {"agent": module_policy(pl_module, self.prompt_index, self.seed)}
+        policies: dict[str, Sequence[PolicyFn]] = {"agent": self._agent(pl_module, self.seed)}
         if self.expert_reference:
-            policies["expert"] = expert_policy()
+            policies["expert"] = [expert_policy()]
         tasks = self._tasks(trainer, seen=self.test_seen)
-        rows = self.evaluate(trainer, policies, tasks, self.test_episodes)
-        self.results = rows
+        rows = self.results = self.evaluate(trainer, policies, tasks, self.test_episodes)
         for split, mean in mean_success(rows).items():
             pl_module.log(f"test/{split}/success", mean)
-        if trainer.is_global_zero:
-            log_dir = Path(trainer.log_dir or ".")
-            videos = None
-            if self.video_episodes:
-                # A fresh policy with the scored run's seed: the videos do not depend on how many
-                # scored episodes ran before them, and those ran before the videos, unchanged by them.
-                policy = module_policy(pl_module, self.prompt_index, self.seed)
-                videos = self.record_videos(
-                    trainer, policy, tasks, log_dir / "videos" / "test", "test", pl_module.updates
-                )
-            self.videos = videos or []
-            path = Path(self.output or log_dir / "test_results.json")
-            meta = {
-                "episodes_per_task": self.test_episodes,
-                "prompt_index": self.prompt_index,
-                "seed": self.seed,
-                "max_steps": self.max_steps,
-                "ckpt_path": trainer.ckpt_path,
-                "updates": pl_module.updates,
-                "action_selection": pl_module.hparams.action_selection,
-                "prompts": pl_module.hparams.prompts,
-                "world_size": trainer.world_size,
-            }
-            self.json_path = write_json(rows, path, meta, videos)
-            print(format_results(rows))
-            if self.video_episodes:
-                print(f"videos: {log_dir / 'videos' / 'test'}")
-            print(f"results: {self.json_path}")
+        matrix_rows = self._prompt_matrix(trainer, pl_module, tasks) if self.prompt_swap else None
+        if not trainer.is_global_zero:
+            return
+        log_dir = Path(trainer.log_dir or ".")
+        self.videos = []
+        if self.video_episodes:
+            # A fresh policy with the scored run's seed: the videos do not depend on how many
+            # scored episodes ran before them, and those ran before the videos, unchanged by them.
+            agent = self._agent(pl_module, self.seed)[0]
+            self.videos = self.recorder.record(agent, tasks, self.video_episodes, log_dir / "videos" / "test",
+                                               "test", pl_module.updates, _tensorboards(trainer))  # fmt: skip
+        meta = {
+            "episodes_per_task": self.test_episodes, "prompt_index": self.prompt_index,
+            "prompts_from": self.prompts_from, "seed": self.seed, "max_steps": self.max_steps,
+            "ckpt_path": trainer.ckpt_path, "updates": pl_module.updates, "world_size": trainer.world_size,
+            "action_selection": pl_module.hparams.action_selection, "prompts": pl_module.hparams.prompts,
+            **conditioning_record(pl_module, [t for t, _ in tasks], self.prompt_index),
+        }  # fmt: skip
+        self.json_path = write_json(rows, Path(self.output or log_dir / "test_results.json"), meta,
+                                    self.videos if self.video_episodes else None)  # fmt: skip
+        print(format_results(rows))
+        if matrix_rows is not None:
+            self._write_matrix(trainer, pl_module, matrix_rows, [t for t, _ in tasks], meta, log_dir)
+        if self.video_episodes:
+            print(f"videos: {log_dir / 'videos' / 'test'}")
+        print(f"results: {self.json_path}")
+
+    def _prompt_matrix(self, trainer: L.Trainer, pl_module: Any, tasks: list[tuple[str, str]]) -> Any:
+        """One row per (environment task, prompt source): each task's episodes under every task's prompts."""
+        assert self.prompt_swap is not None
+        names = [t for t, _ in tasks]
+        sources = {u: prompt_sources(names, u, self.prompt_swap) for u in names}
+        policies = {u: self._agent(pl_module, self.seed, sources[u]) for u in names}
+        return self.evaluate(trainer, policies, tasks, self.test_episodes)
+
+    def _write_matrix(self, trainer: L.Trainer, pl_module: Any, rows: list[TaskResult], tasks: list[str],
+                      meta: dict[str, Any], log_dir: Path) -> None:  # fmt: skip
+        assert self.prompt_swap is not None
+        self.matrix = success_matrix(rows, tasks)
+        meta = {**meta, "episodes_per_cell": self.test_episodes}
+        json_path, png_path, fig = write_matrix(rows, tasks, self.prompt_swap, log_dir, meta)
+        for writer in _tensorboards(trainer):
+            writer.add_figure(f"test/prompt_matrix/{self.prompt_swap}", fig, pl_module.updates)
+        print(f"prompt-sensitivity matrix ({self.prompt_swap} swapped), success %:")
+        print(format_matrix(self.matrix, tasks))
+        print(f"prompt matrix: {json_path} {png_path}")
+
+
+def _tensorboards(trainer: L.Trainer) -> list[Any]:
+    """The ``SummaryWriter`` of each TensorBoard logger."""
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]

@@ -16,11 +16,12 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from llmdpd_pl.data.batches import Batch, BatchStream, Transitions
 from llmdpd_pl.data.collect import collect, format_table
-from llmdpd_pl.data.embeddings import EmbedStats, LLMSpec, embed_dim, embed_texts
+from llmdpd_pl.data.embeddings import EmbedStats, LLMSpec, embed_dim, embed_texts, llm_identity
 from llmdpd_pl.data.prompts import load_prompts, render_prompt
 from llmdpd_pl.data.spec import DatasetSpec, Kind, read_metadata
 from llmdpd_pl.envs import ACT_DIM, OBS_DIM, check_task_names, split_overlap
@@ -163,27 +164,38 @@ class PromptedOfflineDataModule(L.LightningDataModule):
 
     # ---- Lightning hooks ----
     def prepare_data(self, progress: bool = True) -> None:
-        """Rank 0: collect missing datasets, embed missing prompts (a second call runs no LLM)."""
-        rows = collect(self.dataset, self.seen_tasks, self.task_names, progress=progress)
+        """Rank 0: collect missing datasets, embed missing prompts (a second call runs no LLM).
+
+        ``llmdpd test`` needs every task's prompts but no training data, so it collects prompts only.
+        """
+        testing = self.trainer is not None and self.trainer.state.fn == TrainerFn.TESTING
+        rows = collect(self.dataset, [] if testing else self.seen_tasks, self.task_names, progress=progress)
         if progress:
             print(format_table(rows))
         _, self.embed_stats = embed_texts(self.prompt_texts(), self.llm, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.transitions is not None:
+        """Every task's prompts; and, except for ``test`` (whose model brings its own observation
+        statistics), the seen tasks' transitions, their statistics and the batch stream."""
+        if self.task_prompts is None:
+            texts = self.prompt_texts()
+            embeddings, _ = embed_texts(texts, self.llm, self.cache_dir)
+            trajectories = [self._load_prompt_trajectories(t) for t in self.task_names]
+            traj_obs, traj_act = zip(*trajectories, strict=True)
+            self.task_prompts = TaskPrompts(
+                names=self.task_names,
+                text_embedding=torch.stack([embeddings[t] for t in self.task_names]),
+                traj_obs=torch.stack(traj_obs),
+                traj_act=torch.stack(traj_act),
+                llm=llm_identity(self.llm),
+                texts=tuple(texts[t] for t in self.task_names),
+            )
+        if stage == "test" or self.transitions is not None:
             return
         self.transitions = self._load_transitions()
         if self.normalize_obs:
             self.obs_mean = self.transitions.obs.mean(0)
             self.obs_std = self.transitions.obs.std(0).clamp_min(1e-3)
-        embeddings, _ = embed_texts(self.prompt_texts(), self.llm, self.cache_dir)
-        traj_obs, traj_act = zip(*(self._load_prompt_trajectories(t) for t in self.task_names), strict=True)
-        self.task_prompts = TaskPrompts(
-            names=self.task_names,
-            text_embedding=torch.stack([embeddings[t] for t in self.task_names]),
-            traj_obs=torch.stack(traj_obs),
-            traj_act=torch.stack(traj_act),
-        )
         rank = self.trainer.global_rank if self.trainer is not None else 0
         self.stream = BatchStream(
             self.transitions, self.batch_size, self.steps_per_epoch, self.seed, rank, self.task_sampling

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -108,6 +108,29 @@ def weights_fingerprint(path: Path) -> str:
             f.seek(max(size - chunk, 0))
             h.update(f.read(chunk))
     return h.hexdigest()
+
+
+def llm_identity(spec: LLMSpec) -> dict[str, Any]:
+    """Everything about the LLM that changes its embeddings: the spec's model, instruction, dtype, max
+    length and pooling, and the weights' fingerprint. A text head trained on one identity's embeddings
+    means nothing on another's."""
+    fields = {k: v for k, v in asdict(spec).items() if k not in {"batch_size", "device"}}
+    return {**fields, "weights": weights_fingerprint(resolve_model_path(spec.model))}
+
+
+def check_same_llm(trained: dict[str, Any], given: dict[str, Any]) -> None:
+    """A ``ValueError`` naming the ``data.llm`` key unless two :func:`llm_identity` are the same LLM."""
+    for key, value in trained.items():
+        if given.get(key) == value:
+            continue
+        if key == "weights":
+            what = f"data.llm.model: its weights differ from the checkpoint's (fingerprint {str(value)[:12]})"
+        else:
+            what = f"data.llm.{key}: the checkpoint's text head was trained with {value!r}"
+        raise ValueError(
+            f"{what}, got {given.get('model' if key == 'weights' else key)!r}. A text head trained on one "
+            "LLM's embeddings means nothing on another's: test with the LLM the checkpoint was trained with"
+        )
 
 
 def embed_dim(spec: LLMSpec) -> int:

@@ -75,7 +75,7 @@ def test_evaluate_on_one_rank_equals_run_episodes(tmp_path: Path) -> None:
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         default_root_dir=str(tmp_path))
     cb = RolloutEvaluation(num_envs=3, max_steps=50, seed=0)
-    rows = cb.evaluate(trainer, {"expert": expert_policy()}, [("reach", "seen")], episodes=7)
+    rows = cb.evaluate(trainer, {"expert": [expert_policy()]}, [("reach", "seen")], episodes=7)
     expected = TaskResult.from_counts("reach", "seen", "expert",
                                       run_episodes(expert_policy(), "reach", list(range(7)), 3, 0, 50))
     assert len(rows) == 1 and rows[0].episodes == 7

@@ -1,0 +1,88 @@
+"""The prompt-sensitivity matrix: every evaluated task's environment under every task's prompts.
+
+Row t is task t's environment; column u is the prompt source. With ``swap = "text"`` the policy reads u's
+text prompt and t's own trajectory prompt, with ``"trajectory"`` the reverse, with ``"both"`` both of u's.
+Only the prompts change: the env, its layouts and the action noise are row t's in every column (each task
+draws its actions from a generator of its own, seeded by the evaluation seed and the task), so the diagonal
+is a plain ``llmdpd test`` of each task, and a column's departure from it is the prompts' effect alone.
+
+**Reading it**: if the off-diagonal cells match the diagonal, the policy ignores its prompts; if a row's
+success follows the column of its own task, the prompts steer it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from llmdpd_pl.rollouts import TaskResult  # noqa: E402
+from llmdpd_pl.utils import atomic_write  # noqa: E402
+
+Swap = Literal["text", "trajectory", "both"]
+
+
+def prompt_sources(tasks: Sequence[str], source: str, swap: Swap) -> dict[str, tuple[str, str]]:
+    """Each env task's (text task, trajectory task) when the ``swap``ped prompts come from ``source``."""
+    return {t: (t if swap == "trajectory" else source, t if swap == "text" else source) for t in tasks}
+
+
+def success_matrix(rows: Sequence[TaskResult], tasks: Sequence[str]) -> list[list[float]]:
+    """Success rates [env task][prompt source] from rows whose ``policy`` names the prompt source."""
+    rate = {(r.task, r.policy): r.success_rate for r in rows}
+    return [[rate[(t, u)] for u in tasks] for t in tasks]
+
+
+def heatmap(matrix: Sequence[Sequence[float]], tasks: Sequence[str], swap: Swap, title: str) -> Figure:
+    """The matrix as a heatmap, each cell annotated with its success %."""
+    n = len(tasks)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.0 * n + 2))
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(n), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(n), tasks)
+    ax.set_xlabel(f"prompt source ({swap} prompt{'s' if swap == 'both' else ''} swapped)")
+    ax.set_ylabel("environment task")
+    ax.set_title(title)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{100 * matrix[i][j]:.0f}", ha="center", va="center",
+                    color="black" if matrix[i][j] > 0.6 else "white")  # fmt: skip
+    fig.colorbar(image, ax=ax, label="success rate")
+    fig.tight_layout()
+    return fig
+
+
+def write_matrix(
+    rows: Sequence[TaskResult], tasks: Sequence[str], swap: Swap, directory: Path, meta: dict[str, Any]
+) -> tuple[Path, Path, Figure]:
+    """``prompt_matrix.json`` and ``prompt_matrix.png`` in ``directory``; returns their paths and the figure.
+
+    The JSON holds the matrix (``success[env][source]``), the task order, the swap, every cell's full row
+    (episodes, Wilson interval, return) and ``meta``.
+    """
+    matrix = success_matrix(rows, tasks)
+    data = {"meta": meta, "swap": swap, "tasks": list(tasks), "success": matrix,
+            "cells": [{**asdict(r), "prompt_source": r.policy} for r in rows]}  # fmt: skip
+    json_path = atomic_write(directory / "prompt_matrix.json", json.dumps(data, indent=2).encode())
+    fig = heatmap(matrix, tasks, swap, f"success by prompt source, {meta.get('episodes_per_cell')} episodes")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    return json_path, atomic_write(directory / "prompt_matrix.png", png.getvalue()), fig
+
+
+def format_matrix(matrix: Sequence[Sequence[float]], tasks: Sequence[str]) -> str:
+    """The matrix as text: rows = environment task, columns = prompt source, success %."""
+    width = max(len(t) for t in tasks) + 2
+    lines = ["env \\ prompts".ljust(width) + "".join(t[:12].rjust(13) for t in tasks)]
+    for task, row in zip(tasks, matrix, strict=True):
+        lines.append(task.ljust(width) + "".join(f"{100 * v:12.1f}%" for v in row))
+    return "\n".join(lines)
