@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
+from llmdpd_pl.data.embeddings import LLMSpec, check_same_llm, llm_identity
 from llmdpd_pl.module import LLMDPDModule
 
 
@@ -154,6 +155,10 @@ class LLMDPDCLI(LightningCLI):
         torch.set_float32_matmul_precision(self._get(self.config, "float32_matmul_precision"))
         if self.config.get("subcommand") == "test" and self.config.test.get("ckpt_path"):
             trained = torch.load(self.config.test.ckpt_path, map_location="cpu", weights_only=True)
+            bank = trained.get("state_dict", {}).get("task_bank._extra_state") or {}
+            if bank.get("llm") and trained.get("hyper_parameters", {}).get("prompts") in ("both", "text"):
+                llm = self.config.test.data.get("llm")  # before the model is built for the test LLM's width
+                check_same_llm(bank["llm"], llm_identity(LLMSpec(**(llm.as_dict() if llm else {}))))
             values, notes = reconcile_with_checkpoint(self._given_model, trained.get("hyper_parameters", {}))
             for key in EVALUATION_KEYS & values.keys():
                 self.config.test.model[key] = values[key]

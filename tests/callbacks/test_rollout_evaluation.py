@@ -10,20 +10,26 @@ files), not performance.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
 from llmdpd_pl.cli import build_cli, main
-from llmdpd_pl.rollouts import TaskResult, expert_policy, run_episodes
+from llmdpd_pl.data.embeddings import embed_texts
+from llmdpd_pl.data.prompts import load_prompts, render_prompt
+from llmdpd_pl.data.spec import DatasetSpec
+from llmdpd_pl.rollouts import TaskResult, expert_policy, random_policy, run_episodes
 from tests.model_fixtures import ModelData, model_data, one_thread, write_config
 
 __all__ = ["model_data", "one_thread"]  # fixtures imported for pytest
@@ -252,3 +258,143 @@ def test_llmdpd_test_rejects_negative_videos(fitted: Fitted, tmp_path: Path, pla
         main(["test", "--config", str(fitted.config), "--ckpt_path", str(fitted.ckpt), "--videos", "-1",
               "--output", str(output), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
     assert not output.exists()
+
+
+# ------------------------------------------------------------------------------- prompts at test time
+def _test(fitted: Fitted, root: Path, *extra: str) -> tuple[Any, dict]:
+    """``llmdpd test`` of the shared checkpoint, 2 episodes a task, no expert: the CLI and its JSON."""
+    output = root / "r.json"
+    cli = build_cli(["test", "--config", str(fitted.config), "--ckpt_path", str(fitted.ckpt),
+                     "--episodes", "2", "--expert", "false", "--output", str(output),
+                     "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                     "--trainer.default_root_dir", str(root), "--videos", "0", *extra])  # fmt: skip
+    return cli, json.loads(output.read_text())
+
+
+def _bank(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("task_bank.") and isinstance(v, torch.Tensor)}
+
+
+def test_llmdpd_test_runs_a_task_the_checkpoint_never_saw(
+    fitted: Fitted, dataset_copy: DatasetSpec, tmp_path: Path, plain_argv: None
+) -> None:
+    """door-lock is in no training config: its prompts, given at test time, condition the policy."""
+    cli, data = _test(fitted, tmp_path, "--data.unseen_tasks", "[door-lock]",
+                      "--data.dataset.root", dataset_copy.root)  # its prompt trajectories are collected here
+    rows = {(r["task"], r["split"]) for r in data["results"]}
+    assert rows == {("reach", "seen"), ("push", "seen"), ("door-lock", "unseen")}
+    bank = cli.model.task_bank
+    assert bank.task_names == ("reach", "push", "door-lock")
+    assert data["meta"]["tasks"]["door-lock"]["prompt_text"] == bank.texts[2]
+    assert "door" in bank.texts[2].lower()
+    # What training learned stays: the observation statistics are the checkpoint's, not the defaults.
+    trained = _bank(fitted.ckpt)
+    assert torch.equal(bank.obs_mean, trained["task_bank.obs_mean"])
+    assert torch.equal(bank.obs_std, trained["task_bank.obs_std"])
+    assert not torch.equal(bank.obs_std, torch.ones_like(bank.obs_std))
+
+
+def test_a_text_override_at_test_time_is_the_embedding_that_conditions(
+    fitted: Fitted, model_data: ModelData, tmp_path: Path, plain_argv: None
+) -> None:
+    prompt = {"task": "Close the box", "objective": "Put the lid on the box.", "constraints": "Gently."}
+    cli, data = _test(fitted, tmp_path, "--data.prompts", json.dumps({"box-close": prompt}))
+    dm = cli.datamodule
+    text = render_prompt(load_prompts({"box-close": prompt})["box-close"], dm.llm.instruction)
+    want, _ = embed_texts({"box-close": text}, dm.llm, model_data.cache_dir)
+    row = cli.model.task_bank.task_names.index("box-close")
+    assert torch.equal(cli.model.task_bank.text_bank[row], want["box-close"])
+    assert not torch.equal(cli.model.task_bank.text_bank[row], _bank(fitted.ckpt)["task_bank.text_bank"][row])
+    assert data["meta"]["tasks"]["box-close"]["prompt_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_prompts_from_checkpoint_keeps_the_training_banks_bit_for_bit(
+    fitted: Fitted, tmp_path: Path, plain_argv: None
+) -> None:
+    prompt = {"task": "Close the box", "objective": "Lid on.", "constraints": "None."}
+    cli, data = _test(fitted, tmp_path, "--prompts_from", "checkpoint",
+                      "--data.prompts", json.dumps({"box-close": prompt}))  # ignored: the banks are kept
+    trained = _bank(fitted.ckpt)
+    got = {f"task_bank.{k}": v for k, v in cli.model.task_bank.named_buffers()}
+    assert got.keys() == trained.keys()
+    for key, value in trained.items():
+        assert torch.equal(got[key], value), key
+    assert data["meta"]["prompts_from"] == "checkpoint"
+
+
+def test_prompts_from_checkpoint_names_the_tasks_it_lacks(
+    fitted: Fitted, dataset_copy: DatasetSpec, tmp_path: Path, plain_argv: None
+) -> None:
+    with pytest.raises(ValueError, match=r"prompts_from: the checkpoint's task banks lack \['door-lock'\]"):
+        _test(fitted, tmp_path, "--prompts_from", "checkpoint", "--data.unseen_tasks", "[door-lock]",
+              "--data.dataset.root", dataset_copy.root)
+
+
+def test_a_different_llm_at_test_time_is_refused(
+    fitted: Fitted, tiny_llama_dir: Path, tmp_path: Path, plain_argv: None
+) -> None:
+    with pytest.raises(ValueError, match=r"data\.llm\.model: .*trained with 'minilm'.*test with the LLM"):
+        _test(fitted, tmp_path, "--data.llm.model", str(tiny_llama_dir))
+    with pytest.raises(ValueError, match=r"data\.llm\.instruction: .*trained with"):
+        _test(fitted, tmp_path, "--data.llm.instruction", "Embed this.")
+
+
+def test_conflicting_model_keys_at_test_time(
+    fitted: Fitted, tmp_path: Path, plain_argv: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValueError, match=r"model\.hidden_dim: given 64, the checkpoint's is 32"):
+        _test(fitted, tmp_path, "--model.hidden_dim", "64")
+    with pytest.raises(ValueError, match=r"model\.prompts: given 'none', the checkpoint's is 'both'"):
+        _test(fitted, tmp_path, "--model.prompts", "none")
+    capsys.readouterr()
+    cli, data = _test(fitted, tmp_path, "--model.action_selection", "sample", "--model.eta", "0.5")
+    err = capsys.readouterr().err
+    assert "model.action_selection: given 'sample', the checkpoint's is 'q_softmax'; applied" in err
+    assert "model.eta: given 0.5, the checkpoint's is 1.0; not used by llmdpd test" in err
+    assert cli.model.hparams.action_selection == "sample" and data["meta"]["action_selection"] == "sample"
+    assert cli.model.hparams.eta == 1.0  # the checkpoint's
+
+
+def test_prompt_index_all_runs_the_episodes_round_robin(
+    fitted: Fitted, tmp_path: Path, plain_argv: None
+) -> None:
+    cli, data = _test(fitted, tmp_path, "--prompt_index", "all")
+    n_prompts = cli.model.task_bank.n_prompts
+    assert n_prompts > 1
+    assert data["meta"]["prompt_index"] == "all"
+    assert data["meta"]["episode_prompt_index"] == "episode i uses trajectory i mod P"
+    assert data["meta"]["tasks"]["reach"]["trajectory_prompt_index"] == list(range(n_prompts))
+
+
+def test_evaluate_runs_a_list_of_policies_round_robin(tmp_path: Path) -> None:
+    """Episode i runs with policy i mod 2: the counts are those of each policy on its own episodes."""
+    cb = RolloutEvaluation(max_steps=150, num_envs=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=str(tmp_path))
+    expert, rand = expert_policy(), random_policy(3)
+    (row,) = cb.evaluate(trainer, {"mixed": [expert, rand]}, [("reach", "seen")], episodes=4)
+    want = (run_episodes(expert_policy(), "reach", [0, 2], 1, cb.seed, 150)
+            + run_episodes(random_policy(3), "reach", [1, 3], 1, cb.seed, 150))  # fmt: skip
+    assert row == TaskResult.from_counts("reach", "seen", "mixed", want)
+    assert want.successes >= 2  # the expert's two episodes succeed on reach
+
+
+def test_prompt_sensitivity_matrix(fitted: Fitted, tmp_path: Path, plain_argv: None) -> None:
+    """Rows = env task, columns = prompt source; the diagonal is the plain test, episode for episode."""
+    cli, data = _test(fitted, tmp_path, "--prompt_swap", "both")
+    matrix = json.loads((tmp_path / "prompt_matrix.json").read_text())
+    tasks = list(SEEN + UNSEEN)
+    assert matrix["tasks"] == tasks and matrix["swap"] == "both"
+    assert [len(row) for row in matrix["success"]] == [3, 3, 3]
+    assert matrix["meta"]["episodes_per_cell"] == 2 and matrix["meta"]["ckpt_path"] == str(fitted.ckpt)
+    cells = {(c["task"], c["prompt_source"]): c for c in matrix["cells"]}
+    assert set(cells) == {(t, u) for t in tasks for u in tasks}
+    plain = {r["task"]: r for r in data["results"]}
+    for t in tasks:  # same env layouts and action noise, own prompts: the plain test's episodes exactly
+        assert cells[(t, t)]["mean_return"] == plain[t]["mean_return"], t
+        assert cells[(t, t)]["success_rate"] == plain[t]["success_rate"], t
+    # Another task's prompts change the untrained policy's actions, hence its returns.
+    assert any(cells[(t, u)]["mean_return"] != cells[(t, t)]["mean_return"] for t in tasks for u in tasks)
+    assert (tmp_path / "prompt_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.trainer.callbacks and any(getattr(cb, "matrix", None) == matrix["success"]
+                                         for cb in cli.trainer.callbacks)  # fmt: skip
