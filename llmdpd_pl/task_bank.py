@@ -152,7 +152,7 @@ class TaskBank(nn.Module):
     def task_ids(self, names: Iterable[str]) -> Tensor:
         """Indices of task names in this bank: names → (N,) int64."""
         index = {n: i for i, n in enumerate(self.task_names)}
-        missing = [n for n in names if n not in index]
+        missing = list(dict.fromkeys(n for n in names if n not in index))
         if missing:
             raise ValueError(f"tasks {missing} are not in the model's task bank {list(self.task_names)}")
         return torch.tensor([index[n] for n in names], device=self.obs_mean.device)
