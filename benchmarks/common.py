@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmdpd_pl.utils import atomic_write
+from llmdpd_pl.utils import atomic_write, git_commit
 
 
 def run_identity() -> dict[str, Any]:
     """The git commit (with ``+dirty`` for uncommitted changes), machine, threads and torch version."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
     return {
-        "commit": commit,
+        "commit": git_commit() or "unknown",
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

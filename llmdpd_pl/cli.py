@@ -12,15 +12,27 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import yaml
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningCLI
 
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.embeddings import LLMSpec, check_same_llm, llm_identity
 from llmdpd_pl.module import LLMDPDModule
+from llmdpd_pl.utils import git_commit
 
 
 class LLMDPDTrainer(L.Trainer):
-    """A ``Trainer`` with the ``collect`` subcommand and rollout options on ``test``."""
+    """A ``Trainer`` with the ``collect`` subcommand and rollout options on ``test``.
+
+    It always has a ``Timer`` (``max_time`` adds one with a limit), so every checkpoint records its
+    training wall time, and ``llmdpd test`` reports it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(cb, Timer) for cb in self.callbacks):
+            self.callbacks.append(Timer())
 
     def collect(self, model: L.LightningModule, datamodule: PromptedOfflineDataModule) -> None:
         """Collect missing datasets and embed missing prompts (rank 0 work of ``prepare_data``)."""
@@ -160,10 +172,22 @@ class LLMDPDCLI(LightningCLI):
                 llm = self.config.test.data.get("llm")  # before the model is built for the test LLM's width
                 check_same_llm(bank["llm"], llm_identity(LLMSpec(**(llm.as_dict() if llm else {}))))
             values, notes = reconcile_with_checkpoint(self._given_model, trained.get("hyper_parameters", {}))
+            timer = trained.get("callbacks", {}).get("Timer", {})
+            self._run = {"commit": git_commit(), "train_seconds": timer.get("time_elapsed", {}).get("train")}
             for key in EVALUATION_KEYS & values.keys():
                 self.config.test.model[key] = values[key]
             for note in notes:
                 print(note, file=sys.stderr)
+
+    def before_test(self) -> None:
+        """The results JSON records the code's commit, the resolved config and the training wall time."""
+        from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
+
+        config = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
+        run = {"commit": git_commit(), **getattr(self, "_run", {}), "config": config.get("test", config)}
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, RolloutEvaluation):
+                cb.run_info = run
 
     def after_test(self) -> None:
         """The results JSON's path is the last line ``llmdpd test`` prints."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -45,6 +46,18 @@ def atomic_write(path: str | Path, data: bytes) -> Path:
         os.unlink(tmp)
         raise
     return path
+
+
+def git_commit(path: str | Path = Path(__file__).parent) -> str | None:
+    """The commit checked out at ``path``, with ``+dirty`` for uncommitted changes to tracked files; None
+    outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 @functools.cache

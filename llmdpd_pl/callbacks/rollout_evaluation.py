@@ -6,14 +6,11 @@ runs ``test_episodes`` per task, prints the results table (with the scripted exp
 and writes the same as JSON, whose path is the last line printed. Episodes are sharded across DDP ranks
 and the counts summed, so each episode counts exactly once.
 
-**Prompts at test time.** ``llmdpd test --config C --ckpt_path P`` conditions every task of C on C's prompts
-(``prompts_from="config"``): its text prompts, with any ``data.prompts`` overrides, through the embedding
-cache, and its prompt trajectories, collected if missing. Tasks the checkpoint never saw are fine. What
-training learned comes from the checkpoint: the weights, the EMA actor and the observation statistics of
-the training data. The LLM must be the one the checkpoint's text head was trained with.
-``prompts_from="checkpoint"`` keeps the training-time prompt banks exactly. ``prompt_index`` picks the
-prompt trajectory, or ``"all"``: episode i then runs with trajectory i mod P. ``prompt_swap`` adds the
-prompt-sensitivity matrix (:mod:`llmdpd_pl.prompt_matrix`).
+**Prompts at test time.** ``llmdpd test --config C --ckpt_path P`` conditions every task of C, seen by the
+checkpoint or not, on C's prompts (``prompts_from="config"``); what training learned (weights, EMA actor,
+observation statistics) comes from the checkpoint. ``prompts_from="checkpoint"`` keeps the training-time
+banks exactly. ``prompt_index`` picks the prompt trajectory, or ``"all"`` (episode i runs trajectory
+i mod P); ``prompt_swap`` adds the prompt-sensitivity matrix (:mod:`llmdpd_pl.prompt_matrix`).
 
 With ``video_episodes > 0`` each evaluation also records that many extra episodes of the agent per task
 (:mod:`llmdpd_pl.video`), after the scored ones, which they do not change. Each becomes a GIF,
@@ -135,6 +132,7 @@ class RolloutEvaluation(L.Callback):
         self.matrix: list[list[float]] | None = None
         self.videos: list[dict[str, Any]] = []
         self.json_path: Path | None = None
+        self.run_info: dict[str, Any] = {}  # the CLI's: commit, config, training wall time
         self._envs: dict[tuple[str, int], gym.vector.VectorEnv] = {}
 
     def _envs_for(self, task: str, n_episodes: int) -> gym.vector.VectorEnv | None:
@@ -263,7 +261,8 @@ class RolloutEvaluation(L.Callback):
             "prompts_from": self.prompts_from, "seed": self.seed, "max_steps": self.max_steps,
             "ckpt_path": trainer.ckpt_path, "updates": pl_module.updates, "world_size": trainer.world_size,
             "action_selection": pl_module.hparams.action_selection, "prompts": pl_module.hparams.prompts,
-            **conditioning_record(pl_module, [t for t, _ in tasks], self.prompt_index),
+            "train_seed": pl_module.hparams.seed,
+            **conditioning_record(pl_module, [t for t, _ in tasks], self.prompt_index), **self.run_info,
         }  # fmt: skip
         self.json_path = write_json(rows, Path(self.output or log_dir / "test_results.json"), meta,
                                     self.videos if self.video_episodes else None)  # fmt: skip

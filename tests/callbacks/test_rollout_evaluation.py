@@ -190,6 +190,12 @@ def test_llmdpd_test_end_to_end(
     assert data["meta"]["episodes_per_task"] == 3
     assert data["meta"]["ckpt_path"] == str(ckpt) and data["meta"]["updates"] == 4
     assert data["meta"]["max_steps"] == EVAL_STEPS and data["meta"]["world_size"] == 1
+    # The run's identity: the code, the resolved config, the training seed and wall time.
+    assert data["meta"]["train_seconds"] > 0 and data["meta"]["train_seed"] == 0
+    assert data["meta"]["config"]["model"]["hidden_dim"] == 32
+    assert data["meta"]["config"]["ckpt_path"] == str(ckpt)
+    commit = data["meta"]["commit"]
+    assert commit is None or len(commit.removesuffix("+dirty")) == 40
     assert "videos" not in data and not (tmp_path / "videos").exists()  # --videos 0 overrides the config
 
 
