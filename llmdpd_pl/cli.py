@@ -210,7 +210,16 @@ def build_cli(args: list[str] | None = None) -> LLMDPDCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``llmdpd``; tests call ``main(["fit", "--config", ...])`` in-process."""
+    """Entry point of ``llmdpd``; tests call ``main(["fit", "--config", ...])`` in-process.
+
+    ``llmdpd report`` (:mod:`llmdpd_pl.report`) summarises results JSONs; the other subcommands are
+    LightningCLI's.
+    """
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["report"]:
+        from llmdpd_pl.report import main as report
+
+        return report(argv[1:])
     build_cli(args)
 
 

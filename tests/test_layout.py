@@ -16,6 +16,7 @@ LAYERS = [
     ["data.prompts", "data.embeddings", "data.spec", "data.collect", "data.batches", "data.datamodule"],
     ["objectives", "module", "callbacks.ema"],
     ["rollouts", "acting", "video", "prompt_matrix", "callbacks.rollout_evaluation"],
+    ["report"],
     ["cli"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
