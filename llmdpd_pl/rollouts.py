@@ -191,7 +191,7 @@ def mean_success(rows: Sequence[TaskResult], policy: str = "agent") -> dict[str,
     A split without rows is left out.
     """
     means = {}
-    for split in ("seen", "unseen"):
+    for split in ("seen", "target", "unseen"):
         rates = [r.success_rate for r in rows if r.split == split and r.policy == policy]
         if rates:
             means[split] = float(np.mean(rates))

@@ -132,7 +132,7 @@ class RolloutEvaluation(L.Callback):
         self.matrix: list[list[float]] | None = None
         self.videos: list[dict[str, Any]] = []
         self.json_path: Path | None = None
-        self.run_info: dict[str, Any] = {}  # the CLI's: commit, config, training wall time
+        self.run_info: dict[str, Any] = {}  # from the CLI: commit, config, training wall time
         self._envs: dict[tuple[str, int], gym.vector.VectorEnv] = {}
 
     def _envs_for(self, task: str, n_episodes: int) -> gym.vector.VectorEnv | None:
@@ -151,8 +151,10 @@ class RolloutEvaluation(L.Callback):
         self.recorder.close()
 
     def _tasks(self, trainer: L.Trainer, seen: bool) -> list[tuple[str, str]]:
-        dm = trainer.datamodule
-        return [(t, "seen") for t in dm.seen_tasks if seen] + [(t, "unseen") for t in dm.unseen_tasks]
+        """(task, split): the targets and unseen tasks, and the other seen tasks if ``seen``."""
+        dm, targets = trainer.datamodule, getattr(trainer.datamodule, "target_tasks", [])
+        split = [(t, "target" if t in targets else "seen") for t in dm.seen_tasks if seen or t in targets]
+        return split + [(t, "unseen") for t in dm.unseen_tasks]
 
     def _agent(
         self, pl_module: Any, seed: int, sources: Mapping[str, tuple[str, str]] | None = None
@@ -224,8 +226,7 @@ class RolloutEvaluation(L.Callback):
                                  "eval", step, _tensorboards(trainer))  # fmt: skip
 
     def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        """Condition the restored model on the config's prompts (module docstring), or check that the
-        checkpoint's banks hold every task to evaluate."""
+        """Condition the restored model on the config's prompts, or check the checkpoint's banks' tasks."""
         bank, given = pl_module.task_bank, trainer.datamodule.task_prompts
         if self.prompts_from == "checkpoint":
             if missing := [t for t, _ in self._tasks(trainer, self.test_seen) if t not in bank.task_names]:

@@ -90,7 +90,7 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
     env = make_env(task, seed=env_seed)
     expert = scripted_policy(task)
     buffers, episodes = [], []
-    for name, level in spec.levels_for(kind).items():
+    for name, level in spec.levels_for(kind, task).items():
         rng = np.random.default_rng(derive_seed(spec.seed, task, kind, name))
         for i in range(level.episodes):
             buffer, stats = _run_episode(env, expert, level, rng, spec.max_episode_steps)
@@ -113,7 +113,7 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
                 code_permalink="https://github.com/llmdpd-pl/llmdpd-pl",
                 author="llmdpd-pl",
                 description=f"Meta-World v3 {task}: {kind} data from the scripted policy with noise levels "
-                + ", ".join(f"{n}={asdict(lv)}" for n, lv in spec.levels_for(kind).items()),
+                + ", ".join(f"{n}={asdict(lv)}" for n, lv in spec.levels_for(kind, task).items()),
                 data_format="hdf5",
             )
         finally:
@@ -122,7 +122,7 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
             else:
                 os.environ["MINARI_DATASETS_PATH"] = previous
         built = staging / spec.dataset_id(task, kind)
-        meta = {"task": task, "kind": kind, "recipe": spec.recipe(kind), "episodes": episodes}
+        meta = {"task": task, "kind": kind, "recipe": spec.recipe(kind, task), "episodes": episodes}
         (built / METADATA_FILE).write_text(json.dumps(meta, indent=1))
         final = root / spec.dataset_id(task, kind)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +183,7 @@ def collect(
     check_task_names(prompt_tasks, "prompt_tasks")
     wanted = [_Job(t, "train", spec) for t in train_tasks] + [_Job(t, "prompts", spec) for t in prompt_tasks]
     todo = [job for job in wanted if not is_complete(spec, job.task, job.kind)]
-    total = sum(sum(lv.episodes for lv in spec.levels_for(j.kind).values()) for j in todo)
+    total = sum(sum(lv.episodes for lv in spec.levels_for(j.kind, j.task).values()) for j in todo)
     if todo:
         bar = tqdm(
             total=total, desc="collect", unit="ep", disable=not progress, mininterval=PROGRESS_INTERVAL
@@ -191,7 +191,7 @@ def collect(
         if spec.workers == 1 or len(todo) == 1:
             for job in todo:
                 _collect_job(job)
-                bar.update(sum(lv.episodes for lv in spec.levels_for(job.kind).values()))
+                bar.update(sum(lv.episodes for lv in spec.levels_for(job.kind, job.task).values()))
         else:
             ctx = mp.get_context("spawn")
             with ctx.Manager() as manager, ProcessPoolExecutor(min(spec.workers, len(todo)), ctx) as pool:

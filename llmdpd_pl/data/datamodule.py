@@ -64,6 +64,8 @@ class PromptedOfflineDataModule(L.LightningDataModule):
     Args:
         seen_tasks: Meta-World tasks trained on (their offline data is loaded).
         unseen_tasks: Tasks held out for zero-shot evaluation (only their prompts are loaded).
+        target_tasks: Seen tasks that are the evaluation's targets (reported as the ``target`` split and
+            always evaluated), e.g. tasks with only low-quality data in training.
         dataset: Where the Minari datasets live and how ``llmdpd collect`` generates them.
         llm: The frozen LLM that embeds the text prompts.
         cache_dir: Embedding cache folder, shared by runs and DDP ranks.
@@ -86,6 +88,7 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         self,
         seen_tasks: list[str],
         unseen_tasks: list[str],
+        target_tasks: list[str] | None = None,
         dataset: DatasetSpec | None = None,
         llm: LLMSpec | None = None,
         cache_dir: str = "data/embeddings",
@@ -102,6 +105,9 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         super().__init__()
         self.seen_tasks = check_task_names(seen_tasks, "data.seen_tasks")
         self.unseen_tasks = check_task_names(unseen_tasks, "data.unseen_tasks")
+        self.target_tasks = check_task_names(target_tasks or [], "data.target_tasks")
+        if stray := [t for t in self.target_tasks if t not in self.seen_tasks]:
+            raise ValueError(f"data.target_tasks: {stray} are not in data.seen_tasks; targets are trained on")
         if not self.seen_tasks:
             raise ValueError("data.seen_tasks: at least one seen task is needed")
         if overlap := split_overlap(self.seen_tasks, self.unseen_tasks):

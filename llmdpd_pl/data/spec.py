@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from llmdpd_pl.envs import check_task_names
+
 Kind = Literal["train", "prompts"]
 METADATA_FILE = "llmdpd.json"
 
@@ -59,6 +61,8 @@ class DatasetSpec:
             a dataset id is never overwritten.
         seed: Base seed; every (task, kind) derives its own env-layout and noise seeds from it.
         levels: Quality levels of the training data (name → level).
+        task_levels: Per-task replacements of ``levels`` (task → name → level), e.g. only low-quality
+            episodes for the target tasks of the low-quality-target protocol.
         prompt_episodes: Trajectory-prompt episodes per task.
         prompt_noise_std: Action-noise std of the prompt behaviour policy.
         max_episode_steps: Episode length (Meta-World truncates at 500).
@@ -69,6 +73,7 @@ class DatasetSpec:
     version: int = 0
     seed: int = 0
     levels: dict[str, QualityLevel] = field(default_factory=default_levels)
+    task_levels: dict[str, dict[str, QualityLevel]] = field(default_factory=dict)
     prompt_episodes: int = 5
     prompt_noise_std: float = 0.1
     max_episode_steps: int = 500
@@ -87,6 +92,10 @@ class DatasetSpec:
             raise ValueError(f"data.dataset.workers must be >= 1, got {self.workers}")
         if sum(lv.episodes for lv in self.levels.values()) < 1:
             raise ValueError(f"data.dataset.levels: need at least one episode in total, got {self.levels}")
+        check_task_names(self.task_levels, "data.dataset.task_levels")
+        for task, levels in self.task_levels.items():
+            if sum(lv.episodes for lv in levels.values()) < 1:
+                raise ValueError(f"data.dataset.task_levels.{task}: need at least one episode, got {levels}")
 
     def dataset_id(self, task: str, kind: Kind) -> str:
         return f"llmdpd/{task}/{kind}-v{self.version}"
@@ -94,14 +103,15 @@ class DatasetSpec:
     def path(self, task: str, kind: Kind) -> Path:
         return Path(self.root) / self.dataset_id(task, kind)
 
-    def levels_for(self, kind: Kind) -> dict[str, QualityLevel]:
+    def levels_for(self, kind: Kind, task: str) -> dict[str, QualityLevel]:
+        """The quality levels of ``task``'s dataset of ``kind``."""
         if kind == "prompts":
             return {"prompt": QualityLevel(self.prompt_episodes, noise_std=self.prompt_noise_std)}
-        return dict(self.levels)
+        return dict(self.task_levels.get(task, self.levels))
 
-    def recipe(self, kind: Kind) -> dict[str, Any]:
+    def recipe(self, kind: Kind, task: str) -> dict[str, Any]:
         """Everything that changes a dataset's content; stored with it and checked on reuse."""
-        levels = {name: asdict(level) for name, level in self.levels_for(kind).items()}
+        levels = {name: asdict(level) for name, level in self.levels_for(kind, task).items()}
         return {"seed": self.seed, "max_episode_steps": self.max_episode_steps, "levels": levels}
 
 
@@ -131,9 +141,9 @@ def is_complete(spec: DatasetSpec, task: str, kind: Kind) -> bool:
     if not path.exists():
         return False
     meta = read_metadata(path)
-    if meta["recipe"] != spec.recipe(kind):
+    if (recipe := spec.recipe(kind, task)) != meta["recipe"]:
         raise ValueError(
             f"dataset {spec.dataset_id(task, kind)} at {path} was built from a different spec "
-            f"({meta['recipe']} != {spec.recipe(kind)}). Bump data.dataset.version or delete the folder."
+            f"({meta['recipe']} != {recipe}). Bump data.dataset.version or delete the folder."
         )
     return True

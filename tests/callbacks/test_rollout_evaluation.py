@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -371,6 +372,16 @@ def test_prompt_index_all_runs_the_episodes_round_robin(
     assert data["meta"]["prompt_index"] == "all"
     assert data["meta"]["episode_prompt_index"] == "episode i uses trajectory i mod P"
     assert data["meta"]["tasks"]["reach"]["trajectory_prompt_index"] == list(range(n_prompts))
+
+
+def test_targets_are_their_own_split_and_always_evaluated() -> None:
+    dm = SimpleNamespace(seen_tasks=["reach", "push", "box-close"], target_tasks=["box-close"],
+                         unseen_tasks=["door-lock"])  # fmt: skip
+    trainer = SimpleNamespace(datamodule=dm)
+    cb = RolloutEvaluation()
+    assert cb._tasks(trainer, seen=True) == [("reach", "seen"), ("push", "seen"), ("box-close", "target"),
+                                             ("door-lock", "unseen")]  # fmt: skip
+    assert cb._tasks(trainer, seen=False) == [("box-close", "target"), ("door-lock", "unseen")]
 
 
 def test_evaluate_runs_a_list_of_policies_round_robin(tmp_path: Path) -> None:

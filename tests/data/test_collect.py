@@ -78,7 +78,7 @@ def test_sidecar_metadata_matches_the_episodes(collected: Collected) -> None:
     ]:
         meta = read_metadata(spec.path(task, kind))
         assert meta["task"] == task and meta["kind"] == kind
-        assert meta["recipe"] == spec.recipe(kind)
+        assert meta["recipe"] == spec.recipe(kind, task)
         episodes = _episodes(spec, task, kind)
         assert [m["level"] for m in meta["episodes"]] == levels
         for m, ep in zip(meta["episodes"], episodes, strict=True):

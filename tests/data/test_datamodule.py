@@ -284,6 +284,13 @@ def test_unseen_tasks_overlapping_seen_tasks_are_refused(collected: Collected, t
         make_dm(collected.spec, tmp_path, seen=["reach", "push"], unseen=["box-close", "reach"])
 
 
+def test_target_tasks_must_be_seen(collected: Collected, tmp_path: Path) -> None:
+    split = {"seen": ["reach", "push"], "unseen": ["box-close"]}
+    assert make_dm(collected.spec, tmp_path, **split, target_tasks=["push"]).target_tasks == ["push"]
+    with pytest.raises(ValueError, match=r"data\.target_tasks: \['box-close'\] are not in data\.seen_tasks"):
+        make_dm(collected.spec, tmp_path, **split, target_tasks=["box-close"])
+
+
 def test_no_seen_task_is_refused(collected: Collected, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"data\.seen_tasks: at least one"):
         make_dm(collected.spec, tmp_path, seen=[], unseen=["box-close"])

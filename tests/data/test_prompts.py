@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,17 @@ def test_datamodule_feeds_overrides_to_the_llm_input() -> None:
 def test_datamodule_rejects_a_bad_override() -> None:
     with pytest.raises(ValueError, match=r"data\.prompts"):
         PromptedOfflineDataModule(["reach"], [], prompts={"reach": {"task": "Reach"}})
+
+
+def test_the_shipped_paraphrases_reword_the_papers_six_tasks() -> None:
+    import yaml
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "prompts" / "paraphrases.yaml"
+    overrides = yaml.safe_load(config.read_text())["data"]["prompts"]
+    assert sorted(overrides) == sorted(
+        ["sweep-into", "coffee-push", "disassemble", "box-close", "hand-insert", "bin-picking"]
+    )
+    reworded, packaged = load_prompts(overrides), load_prompts()
+    for task in overrides:
+        for part in ("task", "objective", "constraints"):
+            assert getattr(reworded[task], part) != getattr(packaged[task], part), (task, part)
