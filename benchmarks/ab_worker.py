@@ -5,8 +5,8 @@
 Imports ``llmdpd_pl`` and the benchmark's ``updater`` from TREE, not from this checkout, so each side of
 the A/B runs its own commit's code. Builds and warms up the update, prints ``AB ready``, then for each line
 ``N`` on stdin runs N updates and prints ``AB <updates/s>``; stops at end of input. Inductor's on-disk
-caches are off, so the process compiles its own graphs. Trees whose benchmark suite predates
-``train_step.updater`` are run through their ``ab_blocks.updater``.
+caches are off, so the process compiles its own graphs. A tree without ``train_step.updater`` is run
+through its ``ab_blocks.updater``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ The matmul peak is measured after every repeat and the roofline's denominator is
 up its own module in a process of its own, from its own source tree (``ab_worker.py``), with inductor's
 on-disk caches off. Then blocks of ``--block`` updates run in pairs, one per side, in turn first, so that
 both blocks of a pair see the same state of a shared machine. Reports the median of the paired ratios
-(this tree's updates/s over REV's), their middle half, and how many are above 1.
+(this tree's updates/s over REV's), their middle half, and how many are above 1. Both sides run the config's
+own settings (its ``compile`` included) on the CPU with torch's default threads; ``--compile``, ``--device``,
+``--precision`` and ``--float32-matmul-precision`` apply to plain timing only.
 
 Prints the figures and writes JSON next to this file (not committed).
 """

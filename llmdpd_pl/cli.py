@@ -132,7 +132,8 @@ def reconcile_with_checkpoint(
             notes.append(f"{line}; not used by llmdpd test (a training setting)")
     if errors:
         raise ValueError(
-            "; ".join(errors) + ". A checkpoint's architecture is fixed: drop these overrides or train anew"
+            "; ".join(errors) + ". A checkpoint's architecture is fixed: make the config's and --model.* "
+            "values match the checkpoint's, or train anew"
         )
     return values, notes
 
@@ -173,7 +174,7 @@ class LLMDPDCLI(LightningCLI):
                 check_same_llm(bank["llm"], llm_identity(LLMSpec(**(llm.as_dict() if llm else {}))))
             values, notes = reconcile_with_checkpoint(self._given_model, trained.get("hyper_parameters", {}))
             timer = trained.get("callbacks", {}).get("Timer", {})
-            self._run = {"commit": git_commit(), "train_seconds": timer.get("time_elapsed", {}).get("train")}
+            self._run = {"train_seconds": timer.get("time_elapsed", {}).get("train")}
             for key in EVALUATION_KEYS & values.keys():
                 self.config.test.model[key] = values[key]
             for note in notes:
@@ -185,6 +186,8 @@ class LLMDPDCLI(LightningCLI):
 
         config = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
         run = {"commit": git_commit(), **getattr(self, "_run", {}), "config": config.get("test", config)}
+        if not any(isinstance(cb, RolloutEvaluation) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(RolloutEvaluation())
         for cb in self.trainer.callbacks:
             if isinstance(cb, RolloutEvaluation):
                 cb.run_info = run

@@ -135,7 +135,9 @@ class LLMDPDModule(L.LightningModule):
         self.policy = PromptedPolicy(spec, compile)
         self.critic = TwinCritic(obs_dim, act_dim, self.policy.cond_dim, hidden_dim)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self._optimizers = (actor_optimizer, critic_optimizer, actor_lr_scheduler, critic_lr_scheduler)
+        self._optimizer_factories = (
+            actor_optimizer, critic_optimizer, actor_lr_scheduler, critic_lr_scheduler
+        )  # fmt: skip
         self.task_bank = TaskBank(obs_dim, act_dim, text_embed_dim, traj_prompt_len, text_source, text_seed)
         self.updates = 0
         self._ema: tuple[PromptedPolicy, ...] = ()
@@ -157,7 +159,7 @@ class LLMDPDModule(L.LightningModule):
         self.updates = int(checkpoint.get("llmdpd", {}).get("updates", 0))
 
     def configure_optimizers(self) -> Any:
-        actor_opt_fn, critic_opt_fn, actor_sched_fn, critic_sched_fn = self._optimizers
+        actor_opt_fn, critic_opt_fn, actor_sched_fn, critic_sched_fn = self._optimizer_factories
         critic_opt = critic_opt_fn(self.critic.parameters())
         actor_opt = actor_opt_fn(self.policy.parameters())
         pairs = ((critic_sched_fn, critic_opt), (actor_sched_fn, actor_opt))

@@ -27,7 +27,7 @@ PromptMode = Literal["both", "text", "trajectory", "none"]
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """The policy's architecture (the ``model.*`` keys of the same names).
+    """The policy's architecture (the ``model.*`` keys of the same names; their defaults are the module's).
 
     Attributes:
         obs_dim: S.
@@ -48,14 +48,14 @@ class PolicySpec:
     act_dim: int
     text_embed_dim: int
     traj_prompt_len: int
-    prompts: PromptMode = "both"
-    prompt_dim: int = 64
-    n_diffusion_steps: int = 5
-    beta_schedule: Literal["vp", "linear"] = "vp"
-    hidden_dim: int = 256
-    traj_d_model: int = 128
-    traj_layers: int = 2
-    traj_heads: int = 2
+    prompts: PromptMode
+    prompt_dim: int
+    n_diffusion_steps: int
+    beta_schedule: Literal["vp", "linear"]
+    hidden_dim: int
+    traj_d_model: int
+    traj_layers: int
+    traj_heads: int
 
 
 class PromptedPolicy(nn.Module):

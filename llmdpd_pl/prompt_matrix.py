@@ -19,14 +19,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-import matplotlib
+from matplotlib.figure import Figure  # no pyplot: no backend is chosen for the user
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from llmdpd_pl.rollouts import TaskResult  # noqa: E402
-from llmdpd_pl.utils import atomic_write  # noqa: E402
+from llmdpd_pl.rollouts import TaskResult
+from llmdpd_pl.utils import atomic_write
 
 Swap = Literal["text", "trajectory", "both"]
 
@@ -45,7 +41,8 @@ def success_matrix(rows: Sequence[TaskResult], tasks: Sequence[str]) -> list[lis
 def heatmap(matrix: Sequence[Sequence[float]], tasks: Sequence[str], swap: Swap, title: str) -> Figure:
     """The matrix as a heatmap, each cell annotated with its success %."""
     n = len(tasks)
-    fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.0 * n + 2))
+    fig = Figure(figsize=(1.2 * n + 3, 1.0 * n + 2))
+    ax = fig.subplots()
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(n), tasks, rotation=45, ha="right")
     ax.set_yticks(range(n), tasks)

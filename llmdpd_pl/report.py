@@ -5,9 +5,10 @@
 
 Each ``--arm NAME GLOB`` is one arm (one results JSON per training seed). Per task the report gives each
 arm's success as mean ± std over seeds (as the paper reports) with the per-seed values, and each arm's
-difference from the ``--baseline`` arm with a 95% bootstrap interval. The interval resamples at both levels
-of the experiment: the seeds of each arm, then the episodes within each resampled seed. A difference is
-"supported" only if its interval excludes zero. Writes ``report.md``, ``report.json`` and ``report.png`` (the
+difference from the ``--baseline`` arm with a 95% bootstrap interval at both levels of the experiment
+(the seeds of each arm; within each, the success rate's posterior given its episodes). A difference is
+"supported" only if its interval excludes zero and each arm has at least two seeds. Only the tasks that
+every results JSON holds are compared. Writes ``report.md``, ``report.json`` and ``report.png`` (the
 paper's Figure 2 style: success per task, one bar per arm, error bars = std over seeds).
 """
 
@@ -77,8 +78,10 @@ def _seeds(arm: Arm, tasks: Sequence[str]) -> list[list[tuple[int, int]]]:
 
 def summarize(arms: dict[str, Arm], baseline: str | None) -> dict[str, Any]:
     """Per task, and per split's mean over its tasks: each arm's per-seed success, mean and std over seeds,
-    and each arm's difference from ``baseline``."""
-    splits = {t: r[2] for arm in arms.values() for seed in arm.values() for t, r in seed.items()}
+    and each arm's difference from ``baseline``. Only the tasks of every seed of every arm."""
+    every = set.intersection(*(set(seed) for arm in arms.values() for seed in arm.values()))
+    splits = {t: r[2] for arm in arms.values() for seed in arm.values() for t, r in seed.items()
+              if t in every}  # fmt: skip
     groups = {t: [t] for t in splits}
     for split in dict.fromkeys(splits.values()):
         groups[f"mean {split}"] = [t for t in splits if splits[t] == split]
@@ -125,13 +128,11 @@ def markdown(table: dict[str, Any], arms: Sequence[str], protocol: str) -> str:
 
 def bar_chart(table: dict[str, Any], arms: Sequence[str], protocol: str) -> bytes:
     """Success per task, one bar per arm, error bars = std over seeds (the paper's Figure 2 style), as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend is chosen for the user
 
     tasks, width = [t for t in table if not t.startswith("mean ")], 0.8 / len(arms)
-    fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.5))
+    fig = Figure(figsize=(1.6 * len(tasks) + 2, 3.5))
+    ax = fig.subplots()
     for i, name in enumerate(arms):
         means = [100 * table[t][name]["mean"] for t in tasks]
         stds = [100 * table[t][name]["std"] for t in tasks]
@@ -145,7 +146,6 @@ def bar_chart(table: dict[str, Any], arms: Sequence[str], protocol: str) -> byte
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
     return png.getvalue()
 
 

@@ -25,7 +25,6 @@ from llmdpd_pl.utils import atomic_write
 
 #: policy(obs (N, S) float64, task) → actions (N, A) in [-1, 1]
 PolicyFn = Callable[[np.ndarray, str], np.ndarray]
-Split = Literal["seen", "unseen"]
 
 
 @dataclass
@@ -186,7 +185,7 @@ def random_policy(seed: int = 0) -> PolicyFn:
 
 
 def mean_success(rows: Sequence[TaskResult], policy: str = "agent") -> dict[str, float]:
-    """Mean success rate over the tasks of each split, for ``policy``'s rows: ``{"seen": …, "unseen": …}``.
+    """Mean success rate over the tasks of each split (seen, target, unseen), for ``policy``'s rows.
 
     A split without rows is left out.
     """

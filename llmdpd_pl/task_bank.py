@@ -164,3 +164,4 @@ class TaskBank(nn.Module):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.obs_mean.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.version += 1

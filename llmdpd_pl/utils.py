@@ -48,14 +48,22 @@ def atomic_write(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def git_commit(path: str | Path = Path(__file__).parent) -> str | None:
-    """The commit checked out at ``path``, with ``+dirty`` for uncommitted changes to tracked files; None
-    outside a git checkout."""
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+"""The folder that holds the package: a git checkout's top level when the package is installed from one."""
+
+
+def git_commit(root: str | Path = SOURCE_ROOT) -> str | None:
+    """The commit of the git checkout whose top level is ``root``, with ``+dirty`` for uncommitted changes
+    to tracked files; None without git or outside such a checkout."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True).stdout.strip()
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        except OSError:  # no git
+            return ""
+        return out.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    if not commit:
+    if not commit or Path(git("rev-parse", "--show-toplevel")).resolve() != Path(root).resolve():
         return None
     return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 

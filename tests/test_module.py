@@ -251,7 +251,7 @@ def test_logging_steps_log_losses_norms_and_action_statistics(model_data: ModelD
     assert logged["train/updates"] == 2
 
 
-def test_training_without_task_context_fails_clearly(tmp_path: Path) -> None:
+def test_training_without_a_task_bank_fails_clearly(tmp_path: Path) -> None:
     module = LLMDPDModule(2, 1, 8, 3, prompts="none", hidden_dim=32)
     stream = BatchStream(bandit_data(64), 16, 1, 0, 0, "proportional")
     with pytest.raises(RuntimeError, match="task_bank.fill"):

@@ -84,3 +84,12 @@ def test_llmdpd_report_rejects_what_it_cannot_read(arms: dict[str, str], tmp_pat
         main(["report", "--arm", "both", str(tmp_path / "nothing*.json")])
     with pytest.raises(SystemExit):
         main(["report", "--arm", "both", arms["both"], "--baseline", "none"])
+
+
+def test_only_the_tasks_every_arm_ran_are_compared(tmp_path: Path) -> None:
+    """An arm tested with ``--seen false`` lacks the seen tasks: the targets are still compared."""
+    a = load_arm(str(_results(tmp_path / "a.json", {"reach": 50, "box-close": 40})))
+    b = load_arm(str(_results(tmp_path / "b.json", {"box-close": 10})))
+    table = summarize({"a": a, "b": b}, baseline="b")
+    assert list(table) == ["box-close", "mean unseen"]
+    assert table["box-close"]["a - b"]["difference"] == pytest.approx(0.6)

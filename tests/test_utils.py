@@ -40,3 +40,11 @@ def test_maybe_compiled_compiles_once_per_function() -> None:
     assert maybe_compiled(double, False) is double
     compiled = maybe_compiled(double, True)
     assert compiled is not double and maybe_compiled(double, True) is compiled
+
+
+def test_git_commit_of_this_checkout_and_none_elsewhere(tmp_path: Path) -> None:
+    from llmdpd_pl.utils import git_commit
+
+    commit = git_commit()
+    assert commit is None or len(commit.removesuffix("+dirty")) == 40
+    assert git_commit(tmp_path) is None  # not a git checkout's top level

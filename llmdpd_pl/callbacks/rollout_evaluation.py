@@ -262,7 +262,7 @@ class RolloutEvaluation(L.Callback):
             "prompts_from": self.prompts_from, "seed": self.seed, "max_steps": self.max_steps,
             "ckpt_path": trainer.ckpt_path, "updates": pl_module.updates, "world_size": trainer.world_size,
             "action_selection": pl_module.hparams.action_selection, "prompts": pl_module.hparams.prompts,
-            "train_seed": pl_module.hparams.seed,
+            "model_seed": pl_module.hparams.seed,
             **conditioning_record(pl_module, [t for t, _ in tasks], self.prompt_index), **self.run_info,
         }  # fmt: skip
         self.json_path = write_json(rows, Path(self.output or log_dir / "test_results.json"), meta,

@@ -121,8 +121,8 @@ def llm_identity(spec: LLMSpec) -> dict[str, Any]:
 def check_same_llm(trained: dict[str, Any], given: dict[str, Any]) -> None:
     """A ``ValueError`` naming the ``data.llm`` key unless two :func:`llm_identity` are the same LLM."""
     for key, value in trained.items():
-        if given.get(key) == value:
-            continue
+        if given.get(key) == value or (key == "model" and given.get("weights") == trained.get("weights")):
+            continue  # the same weights under another path or id are the same LLM
         if key == "weights":
             what = f"data.llm.model: its weights differ from the checkpoint's (fingerprint {str(value)[:12]})"
         else:

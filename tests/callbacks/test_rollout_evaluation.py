@@ -78,7 +78,7 @@ def test_videos_are_off_by_default() -> None:
 
 def test_evaluate_on_one_rank_equals_run_episodes(tmp_path: Path) -> None:
     # The whole path of the callback (shard → run_episodes → strategy.reduce → rows) on a real CPU
-    # trainer with world size 1; exact sharding across ranks is tested in tests/test_evaluation.py.
+    # trainer with world size 1; exact sharding across ranks is tested in tests/test_rollouts.py.
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         default_root_dir=str(tmp_path))
     cb = RolloutEvaluation(num_envs=3, max_steps=50, seed=0)
@@ -192,7 +192,7 @@ def test_llmdpd_test_end_to_end(
     assert data["meta"]["ckpt_path"] == str(ckpt) and data["meta"]["updates"] == 4
     assert data["meta"]["max_steps"] == EVAL_STEPS and data["meta"]["world_size"] == 1
     # The run's identity: the code, the resolved config, the training seed and wall time.
-    assert data["meta"]["train_seconds"] > 0 and data["meta"]["train_seed"] == 0
+    assert data["meta"]["train_seconds"] > 0 and data["meta"]["model_seed"] == 0
     assert data["meta"]["config"]["model"]["hidden_dim"] == 32
     assert data["meta"]["config"]["ckpt_path"] == str(ckpt)
     commit = data["meta"]["commit"]

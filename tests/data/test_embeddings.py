@@ -343,3 +343,16 @@ def test_folder_without_weights_names_the_field(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"data\.llm\.model: no weight files"):
         embed_texts({"reach": TEXTS["reach"]}, LLMSpec(model=str(tmp_path)), tmp_path / "cache")
+
+
+def test_the_same_weights_under_another_path_are_the_same_llm() -> None:
+    from llmdpd_pl.data.embeddings import check_same_llm
+
+    trained = {"model": "minilm", "weights": "ab" * 32, "instruction": "x", "dtype": "float32"}
+    check_same_llm(trained, {**trained, "model": "/models/all-MiniLM-L6-v2"})  # no error
+    with pytest.raises(ValueError, match=r"data\.llm\.model: its weights differ"):
+        check_same_llm(trained, {**trained, "weights": "cd" * 32})  # the same name, other weights
+    with pytest.raises(ValueError, match=r"data\.llm\.model: .*trained with 'minilm', got '/models/other'"):
+        check_same_llm(trained, {**trained, "model": "/models/other", "weights": "cd" * 32})
+    with pytest.raises(ValueError, match=r"data\.llm\.dtype: the checkpoint's text head was trained with"):
+        check_same_llm(trained, {**trained, "dtype": "bfloat16"})
