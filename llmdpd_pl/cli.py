@@ -18,7 +18,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.embeddings import LLMSpec, check_same_llm, llm_identity
+from llmdpd_pl.errors import ConfigError, at_least, reporting_user_errors
 from llmdpd_pl.module import LLMDPDModule
+from llmdpd_pl.preflight import preflight, quiet_known_noise
 from llmdpd_pl.utils import git_commit
 
 
@@ -77,23 +79,18 @@ class LLMDPDTrainer(L.Trainer):
         """
         from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
 
+        given = {"episodes": (episodes, 1), "videos": (videos, 0), "prompt_index": (prompt_index, 0)}
+        for key, (value, low) in given.items():
+            if isinstance(value, int):  # not None (the callback's value) nor "all"
+                at_least(key, value, low)
         evaluators = [cb for cb in self.callbacks if isinstance(cb, RolloutEvaluation)]
         if not evaluators:
             evaluators = [RolloutEvaluation()]
             self.callbacks.append(evaluators[0])
         for cb in evaluators:
-            if episodes is not None:
-                if episodes < 1:
-                    raise ValueError(f"--episodes must be >= 1, got {episodes}")
-                cb.test_episodes = episodes
-            if videos is not None:
-                if videos < 0:
-                    raise ValueError(f"--videos must be >= 0, got {videos}")
-                cb.video_episodes = videos
-            if prompt_index is not None:
-                if prompt_index != "all" and prompt_index < 0:
-                    raise ValueError(f"--prompt_index must be >= 0 or 'all', got {prompt_index}")
-                cb.prompt_index = prompt_index
+            cb.test_episodes = cb.test_episodes if episodes is None else episodes
+            cb.video_episodes = cb.video_episodes if videos is None else videos
+            cb.prompt_index = cb.prompt_index if prompt_index is None else prompt_index
             cb.prompts_from = prompts_from or cb.prompts_from
             cb.prompt_swap = prompt_swap or cb.prompt_swap
             cb.test_seen = cb.test_seen if seen is None else seen
@@ -117,24 +114,21 @@ def reconcile_with_checkpoint(
 ) -> tuple[dict[str, Any], list[str]]:
     """``model`` values for ``llmdpd test``: the checkpoint's, except evaluation keys, which are the given
     ones. Returns them and one note per key whose given value differs from the checkpoint's; a
-    ``ValueError`` names every architecture key that differs."""
-    values, notes, errors = dict(trained), [], []
+    :class:`ConfigError` names the first architecture key that differs."""
+    values, notes = dict(trained), []
     for key, value in given.items():
         if value is None or key not in trained or trained[key] == value:
             continue
         line = f"model.{key}: given {value!r}, the checkpoint's is {trained[key]!r}"
         if key in ARCHITECTURE_KEYS:
-            errors.append(line)
-        elif key in EVALUATION_KEYS:
+            raise ConfigError(f"model.{key}", f"the checkpoint's is {trained[key]!r}, and a checkpoint's "
+                              "architecture is fixed: match it in the config and --model.*, or train anew",
+                              value)  # fmt: skip
+        if key in EVALUATION_KEYS:
             values[key] = value
             notes.append(f"{line}; applied (it changes only how the trained policy acts)")
         else:
             notes.append(f"{line}; not used by llmdpd test (a training setting)")
-    if errors:
-        raise ValueError(
-            "; ".join(errors) + ". A checkpoint's architecture is fixed: make the config's and --model.* "
-            "values match the checkpoint's, or train anew"
-        )
     return values, notes
 
 
@@ -161,7 +155,9 @@ class LLMDPDCLI(LightningCLI):
         """Parse, and keep ``llmdpd test``'s own model values: the checkpoint's hyperparameters replace them
         next, and :meth:`before_instantiate_classes` reconciles the two."""
         super().parse_arguments(parser, args)
-        if self.config.get("subcommand") == "test":
+        if subcommand := self.config.get("subcommand"):
+            preflight(subcommand, self.config[subcommand].clone().as_dict())  # before any work
+        if subcommand == "test":
             self._given_model = self.config.test.model.clone().as_dict()
 
     def before_instantiate_classes(self) -> None:
@@ -208,6 +204,7 @@ def build_cli(args: list[str] | None = None) -> LLMDPDCLI:
         PromptedOfflineDataModule,
         trainer_class=LLMDPDTrainer,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # main() prints parser errors as one line
         args=args,
     )
 
@@ -219,11 +216,13 @@ def main(args: list[str] | None = None) -> None:
     LightningCLI's.
     """
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["report"]:
-        from llmdpd_pl.report import main as report
+    quiet_known_noise()
+    with reporting_user_errors():
+        if argv[:1] == ["report"]:
+            from llmdpd_pl.report import main as report
 
-        return report(argv[1:])
-    build_cli(args)
+            return report(argv[1:])
+        build_cli(args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import metaworld
 import numpy as np
 from metaworld.policies import ENV_POLICY_MAP
 
+from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.utils import derive_seed
 
 ENV_ID = "llmdpd/MetaWorld-v3"
@@ -30,18 +31,16 @@ MAX_EPISODE_STEPS = 500
 
 
 def check_task_names(names: Iterable[str], field: str) -> list[str]:
-    """Return ``names`` as a list, or raise a ``ValueError`` naming ``field`` and close matches."""
+    """Return ``names`` as a list, or raise a :class:`ConfigError` naming ``field`` and close matches."""
     names = list(names)
     for name in names:
         if name not in METAWORLD_TASKS:
             close = difflib.get_close_matches(name, METAWORLD_TASKS, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(
-                f"{field}: unknown Meta-World task {name!r}.{hint} "
-                f"Names are the v3 tasks without the '-v3' suffix, e.g. 'box-close'."
-            )
+            raise ConfigError(field, f"unknown Meta-World task {name!r}.{hint} Names are the v3 tasks "
+                              "without the '-v3' suffix, e.g. 'box-close'", names)  # fmt: skip
     if len(set(names)) != len(names):
-        raise ValueError(f"{field}: duplicate task names in {names}")
+        raise ConfigError(field, "duplicate task names", names)
     return names
 
 

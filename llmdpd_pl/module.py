@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from llmdpd_pl.data.batches import Batch
+from llmdpd_pl.errors import ConfigError, at_least, within
 from llmdpd_pl.losses import ActorLosses, CriticLosses
 from llmdpd_pl.networks import TwinCritic
 from llmdpd_pl.objectives import actor_objective, critic_objective, draw
@@ -117,16 +118,16 @@ class LLMDPDModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        for name, value, lo, hi in (("gamma", gamma, 0.0, 1.0), ("tau", tau, 0.0, 1.0)):
-            if not lo <= value <= hi:
-                raise ValueError(f"model.{name} must be in [{lo}, {hi}], got {value}")
-        for name, value, low in (("eta", eta, 0), ("n_backup_samples", n_backup_samples, 1),
-                                 ("n_action_candidates", n_action_candidates, 1)):  # fmt: skip
-            if value < low:
-                raise ValueError(f"model.{name} must be >= {low}, got {value}")
         self.save_hyperparameters(
             ignore=["actor_optimizer", "critic_optimizer", "actor_lr_scheduler", "critic_lr_scheduler"]
         )
+        within("model.gamma", gamma, 0.0, 1.0)
+        within("model.tau", tau, 0.0, 1.0)
+        for name in ("eta", "n_backup_samples", "n_action_candidates", "prompt_dim", "n_diffusion_steps",
+                     "hidden_dim", "traj_d_model", "traj_layers", "traj_heads"):  # fmt: skip
+            at_least(f"model.{name}", self.hparams[name], 0 if name == "eta" else 1)
+        if traj_d_model % traj_heads:
+            raise ConfigError("model.traj_heads", f"must divide traj_d_model ({traj_d_model})", traj_heads)
         self.automatic_optimization = False
         spec = PolicySpec(
             obs_dim, act_dim, text_embed_dim, traj_prompt_len, prompts, prompt_dim, n_diffusion_steps,
@@ -135,9 +136,7 @@ class LLMDPDModule(L.LightningModule):
         self.policy = PromptedPolicy(spec, compile)
         self.critic = TwinCritic(obs_dim, act_dim, self.policy.cond_dim, hidden_dim)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self._optimizer_factories = (
-            actor_optimizer, critic_optimizer, actor_lr_scheduler, critic_lr_scheduler
-        )  # fmt: skip
+        self._optimizer_factories = actor_optimizer, critic_optimizer, actor_lr_scheduler, critic_lr_scheduler
         self.task_bank = TaskBank(obs_dim, act_dim, text_embed_dim, traj_prompt_len, text_source, text_seed)
         self.updates = 0
         self._ema: tuple[PromptedPolicy, ...] = ()

@@ -35,7 +35,9 @@ def prompt_sources(tasks: Sequence[str], source: str, swap: Swap) -> dict[str, t
 def success_matrix(rows: Sequence[TaskResult], tasks: Sequence[str]) -> list[list[float]]:
     """Success rates [env task][prompt source] from rows whose ``policy`` names the prompt source."""
     rate = {(r.task, r.policy): r.success_rate for r in rows}
-    return [[rate[(t, u)] for u in tasks] for t in tasks]
+    if none := sorted({t for (t, _), v in rate.items() if v is None}):
+        raise ValueError(f"prompt_swap: the matrix compares success rates, which {none} do not have")
+    return [[float(rate[(t, u)] or 0.0) for u in tasks] for t in tasks]
 
 
 def heatmap(matrix: Sequence[Sequence[float]], tasks: Sequence[str], swap: Swap, title: str) -> Figure:
@@ -74,6 +76,21 @@ def write_matrix(
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     return json_path, atomic_write(directory / "prompt_matrix.png", png.getvalue()), fig
+
+
+def report_matrix(
+    rows: Sequence[TaskResult], tasks: Sequence[str], swap: Swap, directory: Path, meta: dict[str, Any],
+    writers: Sequence[Any] = (), step: int = 0,
+) -> list[list[float]]:
+    """Write the matrix (:func:`write_matrix`), add its figure to the TensorBoard ``writers``, print it."""
+    json_path, png_path, fig = write_matrix(rows, tasks, swap, directory, meta)
+    for writer in writers:
+        writer.add_figure(f"test/prompt_matrix/{swap}", fig, step)
+    matrix = success_matrix(rows, tasks)
+    print(f"prompt-sensitivity matrix ({swap} swapped), success %:")
+    print(format_matrix(matrix, tasks))
+    print(f"prompt matrix: {json_path} {png_path}")
+    return matrix
 
 
 def format_matrix(matrix: Sequence[Sequence[float]], tasks: Sequence[str]) -> str:

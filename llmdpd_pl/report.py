@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.utils import atomic_write
 
 
@@ -32,7 +33,7 @@ def load_arm(pattern: str) -> Arm:
     ``pattern``."""
     paths = sorted(glob.glob(pattern))
     if not paths:
-        raise ValueError(f"--arm: no results JSON matches {pattern!r}")
+        raise ConfigError("--arm", "no results JSON matches this pattern", pattern)
     arm = {}
     for path in paths:
         rows = [r for r in json.loads(Path(path).read_text())["results"] if r["policy"] == "agent"]

@@ -1,10 +1,12 @@
-"""Rollout evaluation on Meta-World: success rate (95% Wilson interval), return, length, steps to success.
+"""Rollout evaluation: return and length on every task; on Meta-World the success rate (95% Wilson
+interval) and steps to success; on locomotion with D4RL reference returns, the normalised score.
 
-An episode is a success if ``info["success"]`` is ever true within its 500 steps. Episodes are
-identified by an integer id; episode ``i`` of a task runs layout ``i mod 50`` of the task's evaluation
-benchmark (Meta-World ignores ``reset(seed)``, so :class:`~llmdpd_pl.envs.LayoutReset` sets the layout
-itself), which makes episodes reproducible and lets DDP ranks shard them exactly: rank r runs ids
-r, r+W, r+2W, ... and the counts are summed, so 7 episodes on 2 ranks are 7 episodes.
+A Meta-World episode is a success if ``info["success"]`` is ever true within its 500 steps. Episodes
+are identified by an integer id: a locomotion episode ``i`` is ``reset(seed=i)``; a Meta-World episode
+``i`` runs layout ``i mod 50`` of the task's evaluation benchmark (Meta-World ignores ``reset(seed)``, so
+:class:`~llmdpd_pl.envs.LayoutReset` sets the layout itself). Episodes are thus reproducible, and DDP
+ranks shard them exactly: rank r runs ids r, r+W, r+2W, ... and the counts are summed, so 7 episodes
+on 2 ranks are 7 episodes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmdpd_pl.envs import MAX_EPISODE_STEPS, make_eval_envs, scripted_policy
+from llmdpd_pl.envs import scripted_policy
+from llmdpd_pl.locomotion import normalized_score, reference
+from llmdpd_pl.suites import dims, episode_steps, make_eval_envs, suite_of
 from llmdpd_pl.utils import atomic_write
 
 #: policy(obs (N, S) float64, task) → actions (N, A) in [-1, 1]
@@ -36,15 +40,17 @@ class Counts:
     return_sum: float = 0.0
     length_sum: float = 0.0
     first_success_sum: float = 0.0  # over successful episodes
+    return_sq_sum: float = 0.0
 
     def as_array(self) -> np.ndarray:
         return np.array(
-            [self.episodes, self.successes, self.return_sum, self.length_sum, self.first_success_sum]
-        )
+            [self.episodes, self.successes, self.return_sum, self.length_sum, self.first_success_sum,
+             self.return_sq_sum]
+        )  # fmt: skip
 
     @classmethod
     def from_array(cls, a: Sequence[float]) -> Counts:
-        return cls(int(round(a[0])), int(round(a[1])), float(a[2]), float(a[3]), float(a[4]))
+        return cls(int(round(a[0])), int(round(a[1])), float(a[2]), float(a[3]), float(a[4]), float(a[5]))
 
     def __add__(self, other: Counts) -> Counts:
         return Counts.from_array(self.as_array() + other.as_array())
@@ -66,34 +72,36 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 
 @dataclass(frozen=True)
 class TaskResult:
-    """One row of the results table."""
+    """One row of the results table. Success fields are None on locomotion; the normalised score (mean
+    over episodes, %) is None on Meta-World and on envs without D4RL reference returns."""
 
     task: str
     split: str
     policy: str
     episodes: int
-    success_rate: float
-    ci_low: float
-    ci_high: float
+    success_rate: float | None
+    ci_low: float | None
+    ci_high: float | None
     mean_return: float
     mean_length: float
     mean_steps_to_success: float | None
+    return_std: float = 0.0
+    normalized_score: float | None = None
 
     @classmethod
     def from_counts(cls, task: str, split: str, policy: str, c: Counts) -> TaskResult:
-        lo, hi = wilson_interval(c.successes, c.episodes)
         n = max(c.episodes, 1)
+        mean = c.return_sum / n
+        std = float(np.sqrt(max(c.return_sq_sum / n - mean * mean, 0.0)))
+        if suite_of(task) == "locomotion":
+            score = float(normalized_score(task, mean)) if reference(task) and c.episodes else None
+            return cls(
+                task, split, policy, c.episodes, None, None, None, mean, c.length_sum / n, None, std, score
+            )
+        lo, hi = wilson_interval(c.successes, c.episodes)
+        t_success = c.first_success_sum / c.successes if c.successes else None
         return cls(
-            task,
-            split,
-            policy,
-            c.episodes,
-            c.successes / n,
-            lo,
-            hi,
-            c.return_sum / n,
-            c.length_sum / n,
-            c.first_success_sum / c.successes if c.successes else None,
+            task, split, policy, c.episodes, c.successes / n, lo, hi, mean, c.length_sum / n, t_success, std
         )
 
 
@@ -108,17 +116,19 @@ def run_episodes(
     episode_ids: Sequence[int],
     num_envs: int,
     seed: int,
-    max_steps: int = MAX_EPISODE_STEPS,
+    max_steps: int | None = None,
     vectorization: Literal["sync", "async"] = "sync",
     progress: tqdm | None = None,
     envs: gym.vector.VectorEnv | None = None,
 ) -> Counts:
     """Run the given episodes of ``task`` in waves of ``num_envs`` parallel envs; return their counts.
 
-    Every Meta-World episode lasts ``max_steps`` (there is no terminal state), so the envs of a wave
-    start and end together. With SAME_STEP autoreset the last step's ``info`` belongs to the new
-    episode, and its ``success`` is read from ``info["final_info"]``.
+    An episode lasts at most ``max_steps`` (default: the task's full episode). A wave ends when all its
+    episodes have; an env whose episode ended early (a locomotion fall) is masked out of the counts. With
+    SAME_STEP autoreset the last step's ``info`` belongs to the new episode, and its ``success`` is read
+    from ``info["final_info"]``.
     """
+    max_steps = episode_steps(task) if max_steps is None else max_steps
     counts = Counts()
     if not episode_ids:
         return counts
@@ -151,6 +161,7 @@ def run_episodes(
             counts.episodes += n
             counts.successes += int(won.sum())
             counts.return_sum += float(ret[:n].sum())
+            counts.return_sq_sum += float((ret[:n] ** 2).sum())
             counts.length_sum += float(length[:n].sum())
             counts.first_success_sum += float(first[:n][won].sum())
     finally:
@@ -181,7 +192,7 @@ def expert_policy() -> PolicyFn:
 
 def random_policy(seed: int = 0) -> PolicyFn:
     rng = np.random.default_rng(seed)
-    return lambda obs, task: rng.uniform(-1, 1, size=(len(obs), 4)).astype(np.float32)
+    return lambda obs, task: rng.uniform(-1, 1, size=(len(obs), dims(task)[1])).astype(np.float32)
 
 
 def mean_success(rows: Sequence[TaskResult], policy: str = "agent") -> dict[str, float]:
@@ -191,25 +202,35 @@ def mean_success(rows: Sequence[TaskResult], policy: str = "agent") -> dict[str,
     """
     means = {}
     for split in ("seen", "target", "unseen"):
-        rates = [r.success_rate for r in rows if r.split == split and r.policy == policy]
+        rates = [
+            r.success_rate
+            for r in rows
+            if r.split == split and r.policy == policy and r.success_rate is not None
+        ]
         if rates:
             means[split] = float(np.mean(rates))
     return means
 
 
 def format_results(rows: Sequence[TaskResult]) -> str:
-    """A readable table: task, split, policy, success %, 95% CI, return, length, steps to success."""
+    """A readable table: task, split, policy, success %, 95% CI, return ± std, length, steps to success,
+    normalised score ("-" where a suite has no such metric)."""
     head = (
         f"{'task':<20}{'split':<8}{'policy':<8}{'eps':>5}{'success':>9}{'95% CI':>15}"
-        f"{'return':>9}{'length':>8}{'t_succ':>8}"
+        f"{'return':>17}{'length':>8}{'t_succ':>8}{'score':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         t = "-" if r.mean_steps_to_success is None else f"{r.mean_steps_to_success:.0f}"
-        ci = f"[{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
+        succ = "-" if r.success_rate is None else f"{100 * r.success_rate:.1f}%"
+        ci = (
+            "-" if r.ci_low is None or r.ci_high is None else f"[{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
+        )
+        ret = f"{r.mean_return:.1f} ± {r.return_std:.1f}"
+        score = "-" if r.normalized_score is None else f"{r.normalized_score:.1f}"
         lines.append(
-            f"{r.task:<20}{r.split:<8}{r.policy:<8}{r.episodes:>5}{100 * r.success_rate:>8.1f}%"
-            f"{ci:>15}{r.mean_return:>9.1f}{r.mean_length:>8.0f}{t:>8}"
+            f"{r.task:<20}{r.split:<8}{r.policy:<8}{r.episodes:>5}{succ:>9}"
+            f"{ci:>15}{ret:>17}{r.mean_length:>8.0f}{t:>8}{score:>8}"
         )
     for split, mean in mean_success(rows).items():
         lines.append(f"{'mean ' + split:<36}{100 * mean:>8.1f}%")

@@ -188,3 +188,10 @@ class VideoRecorder:
         for env in self._envs.values():
             env.close()
         self._envs.clear()
+
+
+def tensorboards(trainer: Any) -> list[Any]:
+    """The ``SummaryWriter`` of each TensorBoard logger of a Lightning ``trainer``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]

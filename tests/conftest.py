@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from llmdpd_pl.data.collect import collect
-from llmdpd_pl.data.spec import DatasetSpec, QualityLevel
+from llmdpd_pl.data.spec import DatasetSpec, QualityLevel, SACRecipe
 
 SEEN_TASKS: tuple[str, ...] = ("reach", "push")
 UNSEEN_TASKS: tuple[str, ...] = ("box-close",)
@@ -53,6 +53,22 @@ def collected(tmp_path_factory: pytest.TempPathFactory) -> Collected:
         warnings.simplefilter("ignore")  # Minari's author_email / eval_env advice
         rows = collect(spec, SEEN_TASKS, SEEN_TASKS + UNSEEN_TASKS, progress=False)
     return Collected(spec, rows)
+
+
+#: The tiny locomotion collection: Hopper-v5, 300 SAC steps in 40-step episodes, 2 prompt episodes.
+LOCOMOTION_TASK = "Hopper-v5"
+
+
+@pytest.fixture(scope="session")
+def sac_collected(tmp_path_factory: pytest.TempPathFactory) -> Collected:
+    """One tiny medium-replay collection per session, through ``collect`` (the SAC path)."""
+    spec = DatasetSpec(
+        root=str(tmp_path_factory.mktemp("sac")),
+        prompt_episodes=2,
+        sac=SACRecipe(max_steps=300, learning_starts=100, eval_every=150, eval_episodes=1,
+                      max_episode_steps=40),
+    )
+    return Collected(spec, collect(spec, [LOCOMOTION_TASK], [LOCOMOTION_TASK], progress=False))
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ registers them for that file.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +19,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from llmdpd_pl.data.batches import Transitions
+from llmdpd_pl.data.batches import Batch, Transitions
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.spec import DatasetSpec
 from llmdpd_pl.module import LLMDPDModule
@@ -152,8 +153,6 @@ def max_abs_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 
 def write_config(path: Path, source: ModelData, root: Path, **sections: dict[str, Any]) -> Path:
     """A smoke-like YAML config for ``llmdpd`` with every path under ``root``; ``sections`` update it."""
-    import dataclasses
-
     import yaml
 
     spec = dataclasses.asdict(source.spec)
@@ -196,31 +195,41 @@ def write_config(path: Path, source: ModelData, root: Path, **sections: dict[str
     return path
 
 
+def state_with_ema(module: LLMDPDModule) -> dict[str, Tensor]:
+    """:func:`trained_state` plus the EMA actor's weights (``ema.*``)."""
+    state = trained_state(module)
+    state.update({f"ema.{k}": v.detach().cpu().clone() for k, v in module.ema_policy.state_dict().items()})
+    return state
+
+
 class RankStateDump(L.Callback):
-    """Saves each rank's trained state and first batch to ``out_dir/rank<r>.pt`` at the end of training.
+    """Saves each rank's initial and trained state and its batches to ``out_dir/rank<r>.pt`` at the end
+    of training.
 
     Used by the DDP test through the CLI config (it must be importable in the launched processes).
     """
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
-        self.first_batch: Tensor | None = None
+        self.initial: dict[str, Tensor] = {}
+        self.batches: list[Batch] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.initial = state_with_ema(pl_module)  # after DDP's broadcast of rank 0's weights
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.first_batch is None:
-            self.first_batch = batch.obs.detach().cpu().clone()
+        fields = {f.name: getattr(batch, f.name).cpu().clone() for f in dataclasses.fields(batch)}
+        self.batches.append(Batch(**fields))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        state = trained_state(pl_module)
-        ema = pl_module.ema_policy
-        state.update({f"ema.{k}": v.detach().cpu().clone() for k, v in ema.state_dict().items()})
         torch.save(
             {
-                "state": state,
+                "initial": self.initial,
+                "state": state_with_ema(pl_module),
                 "updates": pl_module.updates,
                 "global_step": trainer.global_step,
                 "world_size": trainer.world_size,
-                "first_batch": self.first_batch,
+                "batches": self.batches,
             },
             Path(self.out_dir) / f"rank{trainer.global_rank}.pt",
         )

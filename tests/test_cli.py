@@ -6,15 +6,38 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
+import yaml
+from lightning.pytorch.plugins.environments import LightningEnvironment
+from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor
 
-from llmdpd_pl.cli import main
+from llmdpd_pl.callbacks.ema import ActorEMA
+from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
+from llmdpd_pl.cli import LLMDPDCLI, LLMDPDTrainer, main
+from llmdpd_pl.data.batches import Batch, BatchStream
+from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.embeddings import TextEncoder
 from llmdpd_pl.data.spec import DatasetSpec, QualityLevel
-from tests.model_fixtures import ModelData, max_abs_diff, model_data, one_thread, write_config
+from llmdpd_pl.module import LLMDPDModule
+from tests.model_fixtures import (
+    BATCH_SIZE,
+    STEPS_PER_EPOCH,
+    ModelData,
+    bank_module,
+    max_abs_diff,
+    model_data,
+    one_thread,
+    state_with_ema,
+    write_config,
+)
 
 __all__ = ["model_data", "one_thread"]  # fixtures imported for pytest
 
@@ -130,9 +153,142 @@ def test_bad_config_value_names_the_field(
     assert not (tmp_path / "checkpoints").exists()
 
 
+# ----------------------------------------------------------------------------- the shipped configs
+# Every config under configs/, but the prompt overlays (a second --config, tested below).
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "prompts")
+PARAPHRASES = REPO / "configs" / "prompts" / "paraphrases.yaml"
+
+
+def _instantiate(*configs: Path) -> LLMDPDCLI:
+    """Parse the configs and instantiate the trainer, model and datamodule, running nothing."""
+    args = [a for c in configs for a in ("--config", str(c))]
+    return LLMDPDCLI(LLMDPDModule, PromptedOfflineDataModule, trainer_class=LLMDPDTrainer, run=False,
+                     args=args)  # fmt: skip
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_shipped_config_builds_its_model_and_data(config: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # anything a config's relative paths (runs/, data/) would create lands here
+    values = yaml.safe_load(config.read_text())
+    cli = _instantiate(config)
+    model, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    assert isinstance(model, LLMDPDModule) and isinstance(dm, PromptedOfflineDataModule)
+    for key, value in values["model"].items():  # every model value reaches the module, compile included
+        if not key.endswith("_optimizer"):
+            assert model.hparams[key] == value, key
+    assert model.policy.compile_acting is values["model"].get("compile", False), "compile: not applied"
+    for key in ("seen_tasks", "unseen_tasks", "batch_size", "traj_prompt_len"):
+        assert getattr(dm, key) == values["data"][key], key
+    assert (model.hparams.obs_dim, model.hparams.act_dim) == (dm.obs_dim, dm.act_dim)  # linked
+    assert (model.hparams.text_embed_dim, model.hparams.traj_prompt_len) == (dm.text_embed_dim,
+                                                                             dm.traj_prompt_len)  # fmt: skip
+    (critic_opt, actor_opt), _ = model.configure_optimizers()
+    lr = values["model"]["actor_optimizer"]["init_args"]["lr"]
+    assert actor_opt.param_groups[0]["lr"] == lr and isinstance(critic_opt, torch.optim.Adam)
+    assert trainer.max_steps == values["trainer"]["max_steps"]
+    assert any(isinstance(cb, ActorEMA) for cb in trainer.callbacks)
+    assert any(isinstance(cb, RolloutEvaluation) for cb in trainer.callbacks)
+
+
+def test_paraphrases_overlay_replaces_the_text_prompts(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    base = CONFIGS[[c.name for c in CONFIGS].index("metaworld_cpu.yaml")]
+    paraphrases = yaml.safe_load(PARAPHRASES.read_text())["data"]["prompts"]
+    plain, overlaid = _instantiate(base).datamodule.prompt_texts(), _instantiate(base, PARAPHRASES).datamodule
+    assert set(paraphrases) == set(overlaid.task_names)  # a rewording for each of the config's tasks
+    for task, prompt in paraphrases.items():
+        text = overlaid.prompt_texts()[task]
+        assert text != plain[task] and all(v in text for v in prompt.values()), task
+
+
+@pytest.mark.slow
+def test_compiled_fit_runs_and_resumes(model_data: ModelData, tmp_path: Path) -> None:
+    """``compile: true``, as every Meta-World config sets it: 2 updates, then a resume for 1 more."""
+    config = write_config(tmp_path / "input.yaml", model_data, tmp_path, model={"compile": True},
+                          trainer={"max_steps": 4})  # fmt: skip
+    main(["fit", "--config", str(config)])
+    (first,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    main(["fit", "--config", str(config), "--ckpt_path", str(first), "--trainer.max_steps", "6",
+          "--trainer.default_root_dir", str(tmp_path / "resumed")])
+    (resumed,) = (tmp_path / "resumed" / "checkpoints").glob("*.ckpt")
+    before, after = _load(first), _load(resumed)
+    assert before["hyper_parameters"]["compile"] is True
+    assert (before["global_step"], before["llmdpd"]["updates"]) == (4, 2)
+    assert (after["global_step"], after["llmdpd"]["updates"]) == (6, 3)
+    weights = [k for k in after["state_dict"] if k.startswith(("policy.", "critic."))]
+    assert all(torch.isfinite(after["state_dict"][k]).all() for k in weights)
+    moved = [k for k in weights if not torch.equal(after["state_dict"][k], before["state_dict"][k])]
+    assert moved == weights  # the resumed update trained every weight
+
+
+# ----------------------------------------------------------------------------- DDP
+def _ddp_by_hand(model_data: ModelData, initial: dict[str, Tensor], updates: int) -> dict[str, Any]:
+    """What 2-rank DDP computes, in one process: one replica per rank, each running ``LLMDPDModule.update``
+    on its rank's batch stream in its own thread, with its rank's noise (a real ``Trainer`` whose cluster
+    environment says rank r). After every backward pass the replicas' gradients are replaced by their
+    mean, which is DDP's all-reduce; everything else (clipping, the steps, the target and EMA updates) runs
+    on each replica as it does on each rank."""
+    replicas, emas, streams = [], [], []
+    for rank in (0, 1):
+        module, dm = bank_module(model_data)
+        emas.append(ActorEMA(decay=0.9, start=1, every=1))  # as in the DDP run's config
+        emas[-1].setup(None, module, "fit")  # type: ignore[arg-type]
+        weights = {k: v for k, v in initial.items() if not k.startswith("ema.")}
+        loaded = module.load_state_dict(weights, strict=False)  # the bank is filled already
+        assert loaded.missing_keys == ["task_bank._extra_state"] and not loaded.unexpected_keys
+        module.ema_policy.load_state_dict({k[4:]: v for k, v in initial.items() if k.startswith("ema.")})
+        env = LightningEnvironment()
+        strategy = DDPStrategy(cluster_environment=env)
+        module.trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
+        env.set_global_rank(rank)
+        assert module.global_rank == rank and dm.transitions is not None
+        streams.append(BatchStream(dm.transitions, BATCH_SIZE, STEPS_PER_EPOCH, 0, rank, "balanced"))
+        replicas.append(module)
+    barrier = threading.Barrier(2, timeout=120)
+
+    def all_reduce(rank: int, loss: Tensor) -> None:
+        loss.backward()
+        barrier.wait()
+        if rank == 0:
+            for p0, p1 in zip(replicas[0].parameters(), replicas[1].parameters(), strict=True):
+                if p0.grad is not None and p1.grad is not None:
+                    p0.grad.copy_((p0.grad + p1.grad) / 2)
+                    p1.grad.copy_(p0.grad)
+        barrier.wait()
+
+    def train(rank: int) -> list[Batch]:
+        module, batches = replicas[rank], []
+        opts = (torch.optim.Adam(module.critic.parameters(), lr=1e-3, fused=True),
+                torch.optim.Adam(module.policy.parameters(), lr=1e-3, fused=True))  # fmt: skip
+        try:
+            for i in range(updates):
+                batches.append(streams[rank].sample(i))
+                module.update(batches[-1], *opts, backward=lambda loss: all_reduce(rank, loss))
+                emas[rank].on_train_batch_end(None, module, None, None, i)  # type: ignore[arg-type]
+        except BaseException:
+            barrier.abort()  # the other thread fails instead of waiting
+            raise
+        return batches
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(train, rank) for rank in (0, 1)]
+        batches = [run.result() for run in runs]
+    return {"state": [state_with_ema(m) for m in replicas], "batches": batches}
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_identical_weights(model_data: ModelData, tmp_path: Path) -> None:
-    """Plain ``ddp`` fails here (two backward passes on disjoint parameter sets, DESIGN §5)."""
+    """Plain ``ddp`` fails here (two backward passes on disjoint parameter sets, DESIGN §5).
+
+    Two ranks do not equal one process on the two ranks' batches concatenated, and cannot: each rank
+    draws its update's noise (diffusion steps, chain noise, the Q head of Eq. 7, the training prompt) from
+    its own generator, seeded by (seed, rank, update), and normalises the Q term by the mean |Q| of its
+    own batch, so the all-reduced gradient is the mean of two per-rank gradients, not the gradient of one
+    loss over 2B rows. What they must equal is that mean of per-rank gradients, computed in one process
+    (``_ddp_by_hand``): same initial weights, same batches, same noise, gradients averaged at each backward.
+    """
     callbacks = [
         {"class_path": "llmdpd_pl.callbacks.ema.ActorEMA",
          "init_args": {"decay": 0.9, "start": 1, "every": 1}},
@@ -148,6 +304,20 @@ def test_ddp_two_cpu_processes_keep_identical_weights(model_data: ModelData, tmp
     for r in (rank0, rank1):
         assert (r["world_size"], r["updates"], r["global_step"]) == (2, 3, 6)
     # Each rank trained on its own batches, so equal weights come from the gradient all-reduce.
-    assert not torch.equal(rank0["first_batch"], rank1["first_batch"])
+    assert not torch.equal(rank0["batches"][0].obs, rank1["batches"][0].obs)
     # Same all-reduced gradients, same float32 ops on both ranks: bit-identical.
     assert max_abs_diff(rank0["state"], rank1["state"]) == 0.0
+    assert max_abs_diff(rank0["initial"], rank1["initial"]) == 0.0
+    # The weights moved: every tensor of the actor, the critics, the target critics and the EMA actor,
+    # except the diffusion schedule's buffers.
+    trained = [k for k in rank0["state"] if k.split(".")[0] in ("policy", "critic", "critic_target", "ema")]
+    still = [k for k in trained if torch.equal(rank0["state"][k], rank0["initial"][k])]
+    assert len(still) < len(trained) and all(".diffusion." in k for k in still), still
+
+    by_hand = _ddp_by_hand(model_data, rank0["initial"], updates=3)
+    for rank, dumped in enumerate((rank0, rank1)):
+        for got, want in zip(by_hand["batches"][rank], dumped["batches"], strict=True):
+            for f in dataclasses.fields(got):
+                assert torch.equal(getattr(got, f.name), getattr(want, f.name)), (rank, f.name)
+        # Same float32 ops; an all-reduce of two ranks sums two halves, exactly (g0 + g1) / 2 here.
+        assert max_abs_diff(by_hand["state"][rank], dumped["state"]) == 0.0, rank

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,43 @@ def test_q_targets_come_from_the_ema_actor(model_data: ModelData) -> None:
         for p in ema_copy.denoiser.parameters():
             p.add_(0.5)
     assert not torch.equal(target(), moved)
+
+
+def test_update_draws_q_targets_from_the_attached_ema(model_data: ModelData) -> None:
+    """Through ``LLMDPDModule.update`` with an ``ActorEMA`` attached: a' ~ π_EMA(· | s', z_EMA).
+
+    The same update (batch, noise, weights) is rerun with one network changed at a time. The online
+    denoiser only acts in the actor step, so the TD target must not see it; the EMA's denoiser draws a',
+    and the EMA's prompt encoders give z_EMA, so each must move the target.
+    """
+    module, dm = bank_module(model_data)
+    ema = ActorEMA(decay=0.5, start=0, every=1)
+    ema.setup(None, module, "fit")  # type: ignore[arg-type]
+    assert ema.averaged is not None and dm.stream is not None
+    averaged = ema.averaged.module
+    assert module.ema_policy is averaged and averaged is not module.policy
+    batch = dm.stream.sample(0)
+    module_state, ema_state = copy.deepcopy(module.state_dict()), copy.deepcopy(averaged.state_dict())
+
+    def target(changed: torch.nn.Module | None = None) -> Tensor:
+        module.load_state_dict(module_state)
+        averaged.load_state_dict(ema_state)
+        module.updates = 0  # the update's noise is seeded by (seed, rank, updates)
+        if changed is not None:
+            with torch.no_grad():
+                for p in changed.parameters():
+                    p.mul_(1.5).add_(0.1)
+        module.ema_updated()  # as ActorEMA does after each write
+        opts = (torch.optim.Adam(module.critic.parameters()), torch.optim.Adam(module.policy.parameters()))
+        return module.update(batch, *opts, backward=lambda loss: loss.backward()).critic.target_mean
+
+    base = target()
+    assert torch.equal(target(), base)  # the rerun is exact
+    assert torch.equal(target(module.policy.denoiser), base), "the online actor drew the target actions"
+    assert not torch.equal(target(averaged.denoiser), base), "the EMA actor did not draw a'"
+    for encoder in (averaged.text_head, averaged.traj_encoder):
+        assert encoder is not None
+        assert not torch.equal(target(encoder), base), "a' was not conditioned on the EMA's z"
 
 
 def test_ema_prompt_embeddings_are_recomputed_exactly_when_the_ema_changes(model_data: ModelData) -> None:

@@ -8,16 +8,17 @@ from pathlib import Path
 import llmdpd_pl
 
 LAYERS = [
-    ["utils"],
-    ["envs"],
+    ["utils", "errors"],
+    ["envs", "locomotion", "suites"],
     ["schedules", "diffusion", "losses"],
     ["layers", "networks", "prompt_encoders"],
     ["policy", "task_bank"],
-    ["data.prompts", "data.embeddings", "data.spec", "data.collect", "data.batches", "data.datamodule"],
+    ["data.prompts", "data.embeddings", "data.spec", "data.collect", "data.sac", "data.batches",
+     "data.loading", "data.datamodule"],
     ["objectives", "module", "callbacks.ema"],
     ["rollouts", "acting", "video", "prompt_matrix", "callbacks.rollout_evaluation"],
     ["report"],
-    ["cli"],
+    ["cli", "preflight"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 PACKAGE = Path(llmdpd_pl.__file__).parent

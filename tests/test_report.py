@@ -79,9 +79,12 @@ def test_llmdpd_report_writes_markdown_json_and_png(
     assert capsys.readouterr().out.strip().endswith(str(out / "report.md"))
 
 
-def test_llmdpd_report_rejects_what_it_cannot_read(arms: dict[str, str], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--arm: no results JSON matches"):
+def test_llmdpd_report_rejects_what_it_cannot_read(
+    arms: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
         main(["report", "--arm", "both", str(tmp_path / "nothing*.json")])
+    assert info.value.code == 2 and "error: --arm: no results JSON matches" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["report", "--arm", "both", arms["both"], "--baseline", "none"])
 

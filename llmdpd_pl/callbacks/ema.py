@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from llmdpd_pl.errors import ConfigError, at_least
+
 
 class ActorEMA(L.Callback):
     """Exponential moving average of ``pl_module.policy``.
@@ -28,9 +30,9 @@ class ActorEMA(L.Callback):
 
     def __init__(self, decay: float = 0.995, start: int = 1000, every: int = 5) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ActorEMA.decay must be in [0, 1), got {decay}")
-        if start < 0 or every < 1:
-            raise ValueError(f"ActorEMA.start must be >= 0 and every >= 1, got start={start}, every={every}")
+            raise ConfigError("ActorEMA.decay", "must be in [0, 1)", decay)
+        at_least("ActorEMA.start", start, 0)
+        at_least("ActorEMA.every", every, 1)
         self.decay, self.start, self.every = decay, start, every
         self.averaged: AveragedModel | None = None
         self._pending: dict[str, Any] | None = None

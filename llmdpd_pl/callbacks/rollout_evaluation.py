@@ -1,10 +1,9 @@
-"""``RolloutEvaluation``: success rates on seen and unseen tasks, during fit and in ``llmdpd test``.
-
-During fit it evaluates every ``every_n_updates`` updates and logs ``eval/seen/...`` and
-``eval/unseen/...`` (``ModelCheckpoint(monitor="eval/unseen/success")`` works). In ``llmdpd test`` it
-runs ``test_episodes`` per task, prints the results table (with the scripted expert as a reference row)
-and writes the same as JSON, whose path is the last line printed. Episodes are sharded across DDP ranks
-and the counts summed, so each episode counts exactly once.
+"""``RolloutEvaluation``: success rates (Meta-World) or returns and normalised scores (locomotion) on
+seen and unseen tasks, during fit and in ``llmdpd test``. During fit it evaluates every
+``every_n_updates`` updates and logs ``eval/<split>/...`` (``ModelCheckpoint(monitor=
+"eval/unseen/success")`` works). In ``llmdpd test`` it runs ``test_episodes`` per task, prints the
+results table (with the scripted expert as a reference row) and writes the same as JSON, whose path is
+the last line printed. Episodes are sharded across DDP ranks and summed: each counts exactly once.
 
 **Prompts at test time.** ``llmdpd test --config C --ckpt_path P`` conditions every task of C, seen by the
 checkpoint or not, on C's prompts (``prompts_from="config"``); what training learned (weights, EMA actor,
@@ -24,6 +23,7 @@ Rank 0 records them all while the other ranks wait: keep them few under DDP (NCC
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,13 +31,12 @@ import gymnasium as gym
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from tqdm.auto import tqdm
 
 from llmdpd_pl.acting import conditioning_record, module_policy
 from llmdpd_pl.data.embeddings import check_same_llm
-from llmdpd_pl.envs import make_eval_envs
-from llmdpd_pl.prompt_matrix import Swap, format_matrix, prompt_sources, success_matrix, write_matrix
+from llmdpd_pl.errors import ConfigError, at_least
+from llmdpd_pl.prompt_matrix import Swap, prompt_sources, report_matrix
 from llmdpd_pl.rollouts import (
     Counts,
     PolicyFn,
@@ -49,8 +48,9 @@ from llmdpd_pl.rollouts import (
     shard,
     write_json,
 )
+from llmdpd_pl.suites import episode_steps, make_eval_envs, suite_of
 from llmdpd_pl.utils import PROGRESS_INTERVAL
-from llmdpd_pl.video import MAX_GIF_FPS, CameraName, VideoRecorder
+from llmdpd_pl.video import MAX_GIF_FPS, CameraName, VideoRecorder, tensorboards
 
 
 class RolloutEvaluation(L.Callback):
@@ -63,14 +63,14 @@ class RolloutEvaluation(L.Callback):
         num_envs: Parallel envs per task (per rank).
         vectorization: ``sync`` (right for 2 cores) or ``async`` (one process per env).
         test_seen: In ``llmdpd test``, evaluate the seen tasks too, not only the unseen ones.
-        expert_reference: In ``llmdpd test``, add the scripted expert's row for each task.
+        expert_reference: In ``llmdpd test``, add the scripted expert's row for each Meta-World task.
         prompt_index: Which prompt trajectory of each task conditions the policy, or ``all``: episode i
             runs with trajectory i mod P (recorded in the JSON).
         prompts_from: In ``llmdpd test``, condition on the config's prompts (``config``) or keep the
             checkpoint's training-time prompt banks (``checkpoint``).
         prompt_swap: In ``llmdpd test``, also run the prompt-sensitivity matrix, swapping the ``text``,
             ``trajectory`` or ``both`` prompts between the evaluated tasks (``None``: no matrix).
-        max_steps: Episode length (Meta-World: 500).
+        max_steps: Episode step cap (default: each task's full episode; Meta-World 500, MuJoCo 1000).
         seed: Evaluation seed (env layouts and action sampling).
         output: JSON path of ``llmdpd test``; default ``<log_dir>/test_results.json``.
         video_episodes: Episodes per task to record as videos at each evaluation (0: none). Episode k
@@ -94,7 +94,7 @@ class RolloutEvaluation(L.Callback):
         prompt_index: int | Literal["all"] = 0,
         prompts_from: Literal["config", "checkpoint"] = "config",
         prompt_swap: Swap | None = None,
-        max_steps: int = 500,
+        max_steps: int | None = None,
         seed: int = 0,
         output: str | None = None,
         video_episodes: int = 0,
@@ -107,28 +107,28 @@ class RolloutEvaluation(L.Callback):
             ("episodes", episodes, 1),
             ("test_episodes", test_episodes, 1),
             ("num_envs", num_envs, 1),
-            ("max_steps", max_steps, 1),
+            ("max_steps", 1 if max_steps is None else max_steps, 1),
             ("video_episodes", video_episodes, 0),
             ("video_size", video_size, 16),
             ("video_stride", video_stride, 1),
             ("video_fps", video_fps, 1),
             ("prompt_index", 0 if prompt_index == "all" else prompt_index, 0),
         ):
-            if value < low:
-                raise ValueError(f"RolloutEvaluation.{name} must be >= {low}, got {value}")
+            at_least(f"RolloutEvaluation.{name}", value, low)
         if video_fps > MAX_GIF_FPS:
-            raise ValueError(
-                f"RolloutEvaluation.video_fps must be <= {MAX_GIF_FPS} (GIF delays are whole centiseconds, "
-                f"and viewers slow delays under 20 ms down to 100 ms), got {video_fps}"
-            )
+            raise ConfigError("RolloutEvaluation.video_fps", f"must be <= {MAX_GIF_FPS} (GIF delays are "
+                              "whole centiseconds; viewers slow delays under 20 ms to 100 ms)", video_fps)
         self.every_n_updates, self.episodes, self.test_episodes = every_n_updates, episodes, test_episodes
         self.num_envs, self.vectorization, self.test_seen = num_envs, vectorization, test_seen
         self.expert_reference, self.prompt_index, self.max_steps = expert_reference, prompt_index, max_steps
         self.prompts_from, self.prompt_swap = prompts_from, prompt_swap
         self.seed, self.output = seed, output
         self.video_episodes = video_episodes
-        self.recorder = VideoRecorder(seed, video_size, video_camera, video_stride, video_fps, max_steps)
+        self.recorder = VideoRecorder(
+            seed, video_size, video_camera, video_stride, video_fps, max_steps or 500
+        )
         self.results: list[TaskResult] = []
+        self.history: list[dict[str, Any]] = []  # every evaluation during fit; saved in checkpoints
         self.matrix: list[list[float]] | None = None
         self.videos: list[dict[str, Any]] = []
         self.json_path: Path | None = None
@@ -143,6 +143,12 @@ class RolloutEvaluation(L.Callback):
         if key not in self._envs:
             self._envs[key] = make_eval_envs(task, key[1], self.seed, self.vectorization)
         return self._envs[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for envs in self._envs.values():
@@ -176,7 +182,7 @@ class RolloutEvaluation(L.Callback):
         """
         rank, world = trainer.global_rank, trainer.world_size
         ids = shard(episodes, rank, world)
-        total = len(ids) * self.max_steps * len(tasks) * len(policies)
+        total = len(ids) * sum(self.max_steps or episode_steps(t) for t, _ in tasks) * len(policies)
         bar = tqdm(total=total, desc="eval", unit="step", disable=rank != 0, leave=False,
                    mininterval=PROGRESS_INTERVAL)  # fmt: skip
         local = []
@@ -206,15 +212,14 @@ class RolloutEvaluation(L.Callback):
             return
         agent = self._agent(pl_module, self.seed + pl_module.updates)
         rows = self.evaluate(trainer, {"agent": agent}, self._tasks(trainer, seen=True), self.episodes)
-        metrics: dict[str, float] = {}
+        self.history += [{"updates": pl_module.updates, **asdict(r)} for r in rows]
+        metrics: dict[str, float] = {f"eval/{r.split}/{r.task}/return": r.mean_return for r in rows}
         for r in rows:
-            metrics[f"eval/{r.split}/{r.task}/success"] = r.success_rate
-            metrics[f"eval/{r.split}/{r.task}/return"] = r.mean_return
+            named = (("success", r.success_rate), ("normalized_score", r.normalized_score))
+            metrics |= {f"eval/{r.split}/{r.task}/{k}": v for k, v in named if v is not None}
         metrics.update({f"eval/{split}/success": mean for split, mean in mean_success(rows).items()})
-        # Step metrics reach the loggers only on batches where step % log_every_n_steps == 0, which would
-        # silently drop evaluations unless every_n_updates is a multiple of it: write to the loggers
-        # directly, at the step Lightning gives this batch's train metrics. log_dict still fills
-        # callback_metrics (ModelCheckpoint(monitor="eval/unseen/success")).
+        # Logged step metrics reach the loggers only when step % log_every_n_steps == 0: write to them
+        # directly, at this batch's step; log_dict fills callback_metrics (for ModelCheckpoint's monitor).
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=False)
         step = pl_module.updates - 1  # Lightning's step of this batch's train metrics: batches before it
         for logger in trainer.loggers:
@@ -223,15 +228,15 @@ class RolloutEvaluation(L.Callback):
             directory = Path(trainer.log_dir or ".") / "videos" / f"update{pl_module.updates}"
             agent = self._agent(pl_module, self.seed + pl_module.updates)
             self.recorder.record(agent[0], self._tasks(trainer, seen=True), self.video_episodes, directory,
-                                 "eval", step, _tensorboards(trainer))  # fmt: skip
+                                 "eval", step, tensorboards(trainer))  # fmt: skip
 
     def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         """Condition the restored model on the config's prompts, or check the checkpoint's banks' tasks."""
         bank, given = pl_module.task_bank, trainer.datamodule.task_prompts
         if self.prompts_from == "checkpoint":
             if missing := [t for t, _ in self._tasks(trainer, self.test_seen) if t not in bank.task_names]:
-                raise ValueError(f"prompts_from: the checkpoint's task banks lack {missing} (they hold "
-                                 f"{list(bank.task_names)}); --prompts_from config gives them")  # fmt: skip
+                raise ConfigError("prompts_from", f"the checkpoint's task banks lack {missing} (they hold "
+                                  f"{list(bank.task_names)}); --prompts_from config gives them", "checkpoint")
             return
         if bank.llm is not None and given.llm is not None and pl_module.policy.uses_text:
             check_same_llm(bank.llm, given.llm)
@@ -239,11 +244,11 @@ class RolloutEvaluation(L.Callback):
         bank.fill(given, bank.obs_mean.clone(), bank.obs_std.clone(), len(trainer.datamodule.seen_tasks))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        policies: dict[str, Sequence[PolicyFn]] = {"agent": self._agent(pl_module, self.seed)}
-        if self.expert_reference:
-            policies["expert"] = [expert_policy()]
         tasks = self._tasks(trainer, seen=self.test_seen)
-        rows = self.results = self.evaluate(trainer, policies, tasks, self.test_episodes)
+        rows = self.evaluate(trainer, {"agent": self._agent(pl_module, self.seed)}, tasks, self.test_episodes)
+        if self.expert_reference and (scripted := [(t, s) for t, s in tasks if suite_of(t) == "metaworld"]):
+            rows += self.evaluate(trainer, {"expert": [expert_policy()]}, scripted, self.test_episodes)
+        self.results = rows
         for split, mean in mean_success(rows).items():
             pl_module.log(f"test/{split}/success", mean)
         matrix_rows = self._prompt_matrix(trainer, pl_module, tasks) if self.prompt_swap else None
@@ -256,13 +261,13 @@ class RolloutEvaluation(L.Callback):
             # scored episodes ran before them, and those ran before the videos, unchanged by them.
             agent = self._agent(pl_module, self.seed)[0]
             self.videos = self.recorder.record(agent, tasks, self.video_episodes, log_dir / "videos" / "test",
-                                               "test", pl_module.updates, _tensorboards(trainer))  # fmt: skip
+                                               "test", pl_module.updates, tensorboards(trainer))  # fmt: skip
         meta = {
             "episodes_per_task": self.test_episodes, "prompt_index": self.prompt_index,
             "prompts_from": self.prompts_from, "seed": self.seed, "max_steps": self.max_steps,
             "ckpt_path": trainer.ckpt_path, "updates": pl_module.updates, "world_size": trainer.world_size,
             "action_selection": pl_module.hparams.action_selection, "prompts": pl_module.hparams.prompts,
-            "model_seed": pl_module.hparams.seed,
+            "model_seed": pl_module.hparams.seed, "during_fit": self.history,
             **conditioning_record(pl_module, [t for t, _ in tasks], self.prompt_index), **self.run_info,
         }  # fmt: skip
         self.json_path = write_json(rows, Path(self.output or log_dir / "test_results.json"), meta,
@@ -285,16 +290,7 @@ class RolloutEvaluation(L.Callback):
     def _write_matrix(self, trainer: L.Trainer, pl_module: Any, rows: list[TaskResult], tasks: list[str],
                       meta: dict[str, Any], log_dir: Path) -> None:  # fmt: skip
         assert self.prompt_swap is not None
-        self.matrix = success_matrix(rows, tasks)
         meta = {**meta, "episodes_per_cell": self.test_episodes}
-        json_path, png_path, fig = write_matrix(rows, tasks, self.prompt_swap, log_dir, meta)
-        for writer in _tensorboards(trainer):
-            writer.add_figure(f"test/prompt_matrix/{self.prompt_swap}", fig, pl_module.updates)
-        print(f"prompt-sensitivity matrix ({self.prompt_swap} swapped), success %:")
-        print(format_matrix(self.matrix, tasks))
-        print(f"prompt matrix: {json_path} {png_path}")
+        self.matrix = report_matrix(rows, tasks, self.prompt_swap, log_dir, meta, tensorboards(trainer),
+                                    pl_module.updates)  # fmt: skip
 
-
-def _tensorboards(trainer: L.Trainer) -> list[Any]:
-    """The ``SummaryWriter`` of each TensorBoard logger."""
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]

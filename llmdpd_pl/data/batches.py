@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.utils import derive_seed
 
 
@@ -102,9 +103,7 @@ class BatchStream:
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         if state["seed"] != self.seed:
-            raise ValueError(
-                f"data.seed: checkpoint was trained with seed {state['seed']}, config has {self.seed}"
-            )
+            raise ConfigError("data.seed", f"the checkpoint was trained with seed {state['seed']}", self.seed)
         self.consumed = int(state["consumed"])
 
 

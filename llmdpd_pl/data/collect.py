@@ -10,13 +10,15 @@ Per task two Minari datasets are written under ``root`` (the ``MINARI_DATASETS_P
 
 A dataset is written into a staging folder and moved into place only when complete, so an
 interrupted run (even ``kill -9``) never leaves a dataset that passes as complete. Complete datasets
-are reused. Each dataset folder holds ``llmdpd.json``: the spec it was built from and per-episode
-metadata (level, seed, success, return, length).
+are reused; a corrupt one (a data file that no longer matches its SHA-256) is rebuilt, with a warning.
+Each dataset folder holds ``llmdpd.json``: the spec it was built from, per-episode metadata (level,
+seed, success, return, length) and the SHA-256 of its data files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -31,9 +33,22 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmdpd_pl.data.spec import METADATA_FILE, DatasetSpec, Kind, QualityLevel, is_complete, read_metadata
+from llmdpd_pl.data.spec import (
+    METADATA_FILE,
+    DatasetSpec,
+    Kind,
+    QualityLevel,
+    checksums,
+    corruption,
+    is_complete,
+    read_metadata,
+)
 from llmdpd_pl.envs import check_task_names
+from llmdpd_pl.errors import check_writable
+from llmdpd_pl.locomotion import is_gym_env
 from llmdpd_pl.utils import PROGRESS_INTERVAL, derive_seed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,8 +104,8 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
     env_seed = derive_seed(spec.seed, task, kind)
     env = make_env(task, seed=env_seed)
     expert = scripted_policy(task)
-    buffers, episodes = [], []
-    for name, level in spec.levels_for(kind, task).items():
+    buffers, episodes, levels = [], [], spec.levels_for(kind, task)
+    for name, level in levels.items():
         rng = np.random.default_rng(derive_seed(spec.seed, task, kind, name))
         for i in range(level.episodes):
             buffer, stats = _run_episode(env, expert, level, rng, spec.max_episode_steps)
@@ -105,24 +120,29 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
         previous = os.environ.get("MINARI_DATASETS_PATH")
         os.environ["MINARI_DATASETS_PATH"] = str(staging)
         try:
-            minari.create_dataset_from_buffers(
-                dataset_id=spec.dataset_id(task, kind),
-                buffer=[b for b in buffers],
-                env=env,
-                algorithm_name=f"metaworld-scripted+noise ({kind})",
-                code_permalink="https://github.com/llmdpd-pl/llmdpd-pl",
-                author="llmdpd-pl",
-                description=f"Meta-World v3 {task}: {kind} data from the scripted policy with noise levels "
-                + ", ".join(f"{n}={asdict(lv)}" for n, lv in spec.levels_for(kind, task).items()),
-                data_format="hdf5",
-            )
+            with warnings.catch_warnings():
+                # The project has no contact address beyond its code permalink, which is recorded.
+                warnings.filterwarnings("ignore", "`author_email` is set to None", UserWarning)
+                minari.create_dataset_from_buffers(
+                    dataset_id=spec.dataset_id(task, kind),
+                    buffer=[b for b in buffers],
+                    env=env,
+                    eval_env=env.spec,  # evaluation runs on the env that collected the data
+                    algorithm_name=f"metaworld-scripted+noise ({kind})",
+                    code_permalink="https://github.com/llmdpd-pl/llmdpd-pl",
+                    author="llmdpd-pl",
+                    description=f"Meta-World v3 {task}: {kind} data from the scripted policy with noise "
+                    + "levels " + ", ".join(f"{n}={asdict(lv)}" for n, lv in levels.items()),
+                    data_format="hdf5",
+                )
         finally:
             if previous is None:
                 os.environ.pop("MINARI_DATASETS_PATH", None)
             else:
                 os.environ["MINARI_DATASETS_PATH"] = previous
         built = staging / spec.dataset_id(task, kind)
-        meta = {"task": task, "kind": kind, "recipe": spec.recipe(kind, task), "episodes": episodes}
+        meta = {"task": task, "kind": kind, "recipe": spec.recipe(kind, task), "episodes": episodes,
+                "sha256": checksums(built)}  # fmt: skip
         (built / METADATA_FILE).write_text(json.dumps(meta, indent=1))
         final = root / spec.dataset_id(task, kind)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +154,17 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
         shutil.rmtree(staging, ignore_errors=True)
         env.close()
     return summarize(episodes, kind)
+
+
+def _reusable(spec: DatasetSpec, job: _Job) -> bool:
+    """True if the job's dataset is complete and intact. A corrupt one is deleted, to be rebuilt; one built
+    from another spec is a :class:`~llmdpd_pl.errors.ConfigError` (a dataset id is never overwritten)."""
+    path = spec.path(job.task, job.kind)
+    if path.exists() and (problem := corruption(path)) is not None:
+        dataset_id = spec.dataset_id(job.task, job.kind)
+        log.warning("collect: dataset %s at %s is corrupt (%s); rebuilding it", dataset_id, path, problem)
+        shutil.rmtree(path)
+    return is_complete(spec, job.task, job.kind)
 
 
 def summarize(episodes: Sequence[Mapping[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -156,14 +187,16 @@ def summarize(episodes: Sequence[Mapping[str, Any]], kind: str) -> list[dict[str
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The summary rows as a table; success is "-" on locomotion tasks, which have no success."""
     header = (
-        f"{'task':<28}{'kind':<9}{'level':<8}{'episodes':>9}{'transitions':>12}{'success':>9}{'return':>10}"
+        f"{'task':<20}{'kind':<9}{'level':<15}{'episodes':>9}{'transitions':>12}{'success':>9}{'return':>10}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
+        success = "-" if is_gym_env(r["task"]) else f"{100 * r['success_rate']:.1f}%"
         lines.append(
-            f"{r['task']:<28}{r['kind']:<9}{r['level']:<8}{r['episodes']:>9}{r['transitions']:>12}"
-            f"{100 * r['success_rate']:>8.1f}%{r['mean_return']:>10.1f}"
+            f"{r['task']:<20}{r['kind']:<9}{r['level']:<15}{r['episodes']:>9}{r['transitions']:>12}"
+            f"{success:>9}{r['mean_return']:>10.1f}"
         )
     return "\n".join(lines)
 
@@ -171,18 +204,28 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def collect(
     spec: DatasetSpec, train_tasks: Sequence[str], prompt_tasks: Sequence[str], progress: bool = True
 ) -> list[dict[str, Any]]:
-    """Build every missing dataset; return the summary rows of all (new and reused) datasets.
+    """Build every missing or corrupt dataset; return the summary rows of all (new and reused) datasets.
+
+    Meta-World tasks' datasets come from the scripted policies, in ``spec.workers`` processes; a
+    locomotion task's two datasets come from one SAC run (:func:`llmdpd_pl.data.sac.collect_medium_replay`,
+    resumable), in this process.
 
     Args:
         spec: Dataset spec.
         train_tasks: Tasks that need training data (the seen tasks).
         prompt_tasks: Tasks that need trajectory prompts (seen and unseen).
-        progress: Show a tqdm bar over episodes.
+        progress: Show a tqdm bar over episodes (SAC: over env steps).
     """
+    sac_rows = [row for task in dict.fromkeys([*train_tasks, *prompt_tasks]) if is_gym_env(task)
+                for row in _medium_replay(spec, task, progress)]  # fmt: skip
+    train_tasks = [t for t in train_tasks if not is_gym_env(t)]
+    prompt_tasks = [t for t in prompt_tasks if not is_gym_env(t)]
     check_task_names(train_tasks, "train_tasks")
     check_task_names(prompt_tasks, "prompt_tasks")
     wanted = [_Job(t, "train", spec) for t in train_tasks] + [_Job(t, "prompts", spec) for t in prompt_tasks]
-    todo = [job for job in wanted if not is_complete(spec, job.task, job.kind)]
+    todo = [job for job in wanted if not _reusable(spec, job)]
+    if todo:
+        check_writable("data.dataset.root", spec.root)  # before any episode is run
     total = sum(sum(lv.episodes for lv in spec.levels_for(j.kind, j.task).values()) for j in todo)
     if todo:
         bar = tqdm(
@@ -209,7 +252,17 @@ def collect(
                 for f in futures:
                     f.result()  # re-raise a worker's error here
         bar.close()
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = sac_rows
     for job in wanted:
         rows += summarize(read_metadata(spec.path(job.task, job.kind))["episodes"], job.kind)
     return rows
+
+
+def _medium_replay(spec: DatasetSpec, task: str, progress: bool) -> list[dict[str, Any]]:
+    """The summary rows of a locomotion task's SAC datasets, made first if missing."""
+    from llmdpd_pl.data.sac import collect_medium_replay  # stable-baselines3 only where it is used
+
+    train, prompts = spec.dataset_id(task, "train"), spec.dataset_id(task, "prompts")
+    done = collect_medium_replay(task, spec.sac, spec.seed, Path(spec.root), train, prompts,
+                                 spec.prompt_episodes, progress)  # fmt: skip
+    return list(done["rows"])

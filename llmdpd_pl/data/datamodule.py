@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -22,40 +21,13 @@ from torch import Tensor
 from llmdpd_pl.data.batches import Batch, BatchStream, Transitions
 from llmdpd_pl.data.collect import collect, format_table
 from llmdpd_pl.data.embeddings import EmbedStats, LLMSpec, embed_dim, embed_texts, llm_identity
+from llmdpd_pl.data.loading import episodes, open_by_id, open_collected, prompt_trajectories, to_transitions
 from llmdpd_pl.data.prompts import load_prompts, render_prompt
-from llmdpd_pl.data.spec import DatasetSpec, Kind, read_metadata
-from llmdpd_pl.envs import ACT_DIM, OBS_DIM, check_task_names, split_overlap
+from llmdpd_pl.data.spec import DatasetSpec
+from llmdpd_pl.envs import split_overlap
+from llmdpd_pl.errors import ConfigError, at_least
+from llmdpd_pl.suites import check_tasks, dims
 from llmdpd_pl.task_bank import TaskPrompts
-
-
-def _check_finite(array: np.ndarray, what: str) -> None:
-    if not np.isfinite(array).all():
-        bad = int((~np.isfinite(array)).sum())
-        raise ValueError(f"{what}: {bad} non-finite values (NaN/inf) in the data")
-
-
-def _load_minari(path: Path) -> Any:
-    import minari
-
-    read_metadata(path)  # missing / incomplete / corrupt sidecar → clear error
-    try:
-        return minari.MinariDataset(path / "data")
-    except Exception as err:
-        raise ValueError(
-            f"dataset at {path} cannot be read ({type(err).__name__}: {err}); "
-            "delete it and re-run `llmdpd collect`"
-        ) from None
-
-
-def _episodes(path: Path, task: str, kind: Kind) -> Iterator[Any]:
-    dataset = _load_minari(path)
-    try:
-        yield from dataset.iterate_episodes()
-    except Exception as err:
-        raise ValueError(
-            f"{kind} dataset of {task!r} at {path} is corrupt ({type(err).__name__}: {err}); "
-            "delete it and re-run `llmdpd collect`"
-        ) from None
 
 
 class PromptedOfflineDataModule(L.LightningDataModule):
@@ -67,6 +39,9 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         target_tasks: Seen tasks that are the evaluation's targets (reported as the ``target`` split and
             always evaluated), e.g. tasks with only low-quality data in training.
         dataset: Where the Minari datasets live and how ``llmdpd collect`` generates them.
+        dataset_id: Train the one seen task on this Minari dataset instead (e.g.
+            ``mujoco/hopper/medium-v0``), found under ``dataset.root`` or Minari's own folder; its last
+            ``dataset.prompt_episodes`` episodes are held out as the trajectory prompts.
         llm: The frozen LLM that embeds the text prompts.
         cache_dir: Embedding cache folder, shared by runs and DDP ranks.
         prompts: Overrides or additions to the packaged text prompts: task → {task, objective, constraints}.
@@ -90,6 +65,7 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         unseen_tasks: list[str],
         target_tasks: list[str] | None = None,
         dataset: DatasetSpec | None = None,
+        dataset_id: str | None = None,
         llm: LLMSpec | None = None,
         cache_dir: str = "data/embeddings",
         prompts: dict[str, dict[str, str]] | None = None,
@@ -103,35 +79,37 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.seen_tasks = check_task_names(seen_tasks, "data.seen_tasks")
-        self.unseen_tasks = check_task_names(unseen_tasks, "data.unseen_tasks")
-        self.target_tasks = check_task_names(target_tasks or [], "data.target_tasks")
+        self.seen_tasks = check_tasks(seen_tasks, "data.seen_tasks")
+        self.unseen_tasks = check_tasks(unseen_tasks, "data.unseen_tasks")
+        self.target_tasks = check_tasks(target_tasks or [], "data.target_tasks")
         if stray := [t for t in self.target_tasks if t not in self.seen_tasks]:
-            raise ValueError(f"data.target_tasks: {stray} are not in data.seen_tasks; targets are trained on")
+            raise ConfigError("data.target_tasks", f"{stray} are not in data.seen_tasks; targets are trained "
+                              "on", self.target_tasks)  # fmt: skip
         if not self.seen_tasks:
-            raise ValueError("data.seen_tasks: at least one seen task is needed")
+            raise ConfigError("data.seen_tasks", "at least one seen task is needed", self.seen_tasks)
         if overlap := split_overlap(self.seen_tasks, self.unseen_tasks):
-            raise ValueError(
-                f"data.unseen_tasks: {overlap} also appear in data.seen_tasks; "
-                "training on them would leak the test set"
-            )
+            raise ConfigError("data.unseen_tasks", f"{overlap} also appear in data.seen_tasks; training on "
+                              "them would leak the test set", self.unseen_tasks)  # fmt: skip
         for name, value in {
             "batch_size": batch_size,
             "steps_per_epoch": steps_per_epoch,
             "traj_prompt_len": traj_prompt_len,
             "traj_prompt_stride": traj_prompt_stride,
         }.items():
-            if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
+            at_least(f"data.{name}", value, 1)
         if not np.isfinite(reward_scale) or reward_scale <= 0:
-            raise ValueError(f"data.reward_scale must be a positive number, got {reward_scale}")
+            raise ConfigError("data.reward_scale", "must be a positive number", reward_scale)
         self.dataset = dataset or DatasetSpec()
+        if dataset_id is not None and len(self.seen_tasks) != 1:
+            raise ConfigError("data.dataset_id", f"one dataset trains one seen task, not {self.seen_tasks}",
+                              dataset_id)  # fmt: skip
+        self.dataset_id = dataset_id
         self.llm = llm or LLMSpec()
         self.cache_dir = cache_dir
         self.prompts = load_prompts(prompts)
         missing = [t for t in self.task_names if t not in self.prompts]
         if missing:
-            raise ValueError(f"data.prompts: no text prompt for tasks {missing}")
+            raise ConfigError("data.prompts", "no text prompt for these tasks", missing)
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.traj_prompt_len, self.traj_prompt_stride = traj_prompt_len, traj_prompt_stride
         self.reward_scale, self.normalize_obs = reward_scale, normalize_obs
@@ -140,8 +118,9 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         self.transitions: Transitions | None = None
         self.task_prompts: TaskPrompts | None = None
         self.stream: BatchStream | None = None
-        self.obs_mean = torch.zeros(OBS_DIM)
-        self.obs_std = torch.ones(OBS_DIM)
+        self.obs_dim, self.act_dim = self._common_dims()
+        self.obs_mean = torch.zeros(self.obs_dim)
+        self.obs_std = torch.ones(self.obs_dim)
 
     # ---- dimensions and index maps (available before setup, for link_arguments) ----
     @property
@@ -152,13 +131,16 @@ class PromptedOfflineDataModule(L.LightningDataModule):
     def task_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.task_names)}
 
-    @property
-    def obs_dim(self) -> int:
-        return OBS_DIM
-
-    @property
-    def act_dim(self) -> int:
-        return ACT_DIM
+    def _common_dims(self) -> tuple[int, int]:
+        """(S, A) of the tasks' envs, which one policy needs all tasks to share (the data is checked
+        against them when it is loaded)."""
+        first = self.seen_tasks[0]
+        for task in self.task_names:
+            if dims(task) != dims(first):
+                raise ConfigError("data.unseen_tasks", f"{task!r} has (observation, action) widths "
+                                  f"{dims(task)} but {first!r} has {dims(first)}; one policy needs the same "
+                                  "widths for every task", self.unseen_tasks)  # fmt: skip
+        return dims(first)
 
     @property
     def text_embed_dim(self) -> int:
@@ -175,7 +157,9 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         ``llmdpd test`` needs every task's prompts but no training data, so it collects prompts only.
         """
         testing = self.trainer is not None and self.trainer.state.fn == TrainerFn.TESTING
-        rows = collect(self.dataset, [] if testing else self.seen_tasks, self.task_names, progress=progress)
+        given = [] if self.dataset_id is None else self.seen_tasks  # their data and prompts are the dataset's
+        train = [] if testing else [t for t in self.seen_tasks if t not in given]
+        rows = collect(self.dataset, train, [t for t in self.task_names if t not in given], progress=progress)
         if progress:
             print(format_table(rows))
         _, self.embed_stats = embed_texts(self.prompt_texts(), self.llm, self.cache_dir)
@@ -222,65 +206,31 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         return batch
 
     # ---- loading ----
+    def _train_episodes(self, task: str) -> tuple[Iterator[Any], str]:
+        """(episodes, description) of a seen task's training data: all but the prompt episodes of a
+        dataset given by ``dataset_id``, or the collected ``train`` dataset."""
+        if self.dataset_id is not None:
+            dataset = open_by_id(self.dataset_id, self.dataset.root)
+            keep = dataset.episode_indices[: -self.dataset.prompt_episodes]
+            return episodes(dataset, f"dataset {self.dataset_id}", keep), f"dataset {self.dataset_id}"
+        path = self.dataset.path(task, "train")
+        what = f"train dataset of {task!r} at {path}"
+        return episodes(open_collected(path), what), what
+
     def _load_transitions(self) -> Transitions:
-        parts: dict[str, list[np.ndarray]] = {
-            k: [] for k in ("obs", "action", "reward", "next_obs", "not_done", "task")
-        }
-        for task_id, task in enumerate(self.seen_tasks):
-            path = self.dataset.path(task, "train")
-            for ep in _episodes(path, task, "train"):
-                obs, act = np.asarray(ep.observations), np.asarray(ep.actions)
-                if obs.ndim != 2 or obs.shape[1] != OBS_DIM or act.ndim != 2 or act.shape[1] != ACT_DIM:
-                    raise ValueError(
-                        f"train dataset of {task!r} at {path}: episode {ep.id} has observations {obs.shape} "
-                        f"and actions {act.shape}; expected (T+1, {OBS_DIM}) and (T, {ACT_DIM})"
-                    )
-                if len(obs) != len(act) + 1:
-                    raise ValueError(
-                        f"train dataset of {task!r}: episode {ep.id} has {len(obs)} observations "
-                        f"for {len(act)} actions; expected T+1 for T"
-                    )
-                for what, arr in (("observations", obs), ("actions", act), ("rewards", ep.rewards)):
-                    _check_finite(
-                        np.asarray(arr), f"train dataset of {task!r} at {path}, episode {ep.id}, {what}"
-                    )
-                parts["obs"].append(obs[:-1])
-                parts["next_obs"].append(obs[1:])
-                parts["action"].append(act)
-                parts["reward"].append(np.asarray(ep.rewards) * self.reward_scale)
-                parts["not_done"].append(1.0 - np.asarray(ep.terminations, dtype=np.float64))
-                parts["task"].append(np.full(len(act), task_id))
-            if not parts["task"] or parts["task"][-1][0] != task_id:
-                raise ValueError(f"train dataset of {task!r} at {path} has no episodes")
-
-        def cat(key: str, dtype: torch.dtype = torch.float32) -> Tensor:
-            return torch.from_numpy(np.concatenate(parts[key])).to(dtype)
-
-        return Transitions(
-            cat("obs"),
-            cat("action"),
-            cat("reward"),
-            cat("next_obs"),
-            cat("not_done"),
-            cat("task", torch.int64),
-        )
+        tasks = [self._train_episodes(t) for t in self.seen_tasks]
+        return to_transitions(tasks, self.obs_dim, self.act_dim, self.reward_scale)
 
     def _load_prompt_trajectories(self, task: str) -> tuple[Tensor, Tensor]:
-        """(P, L, S) states and (P, L, A) actions: every ``stride``-th step, the last repeated if short."""
-        path = self.dataset.path(task, "prompts")
-        obs, act = [], []
-        for ep in _episodes(path, task, "prompts"):
-            o, a = np.asarray(ep.observations)[:-1], np.asarray(ep.actions)
-            if o.shape[-1] != OBS_DIM or a.shape[-1] != ACT_DIM:
-                raise ValueError(
-                    f"prompts dataset of {task!r} at {path}: observations {o.shape} / actions "
-                    f"{a.shape}; expected (T, {OBS_DIM}) / (T, {ACT_DIM})"
-                )
-            _check_finite(o, f"prompts dataset of {task!r} at {path}, observations")
-            _check_finite(a, f"prompts dataset of {task!r} at {path}, actions")
-            idx = np.minimum(np.arange(self.traj_prompt_len) * self.traj_prompt_stride, len(a) - 1)
-            obs.append(torch.from_numpy(o[idx]).float())
-            act.append(torch.from_numpy(a[idx]).float())
-        if not obs:
-            raise ValueError(f"prompts dataset of {task!r} at {path} has no episodes")
-        return torch.stack(obs), torch.stack(act)
+        """(P, L, S) states and (P, L, A) actions of ``task``'s trajectory prompts: the last
+        ``prompt_episodes`` episodes of a ``dataset_id`` dataset, or the collected ``prompts`` dataset."""
+        if self.dataset_id is not None and task == self.seen_tasks[0]:
+            dataset = open_by_id(self.dataset_id, self.dataset.root)
+            what = f"dataset {self.dataset_id} (its last {self.dataset.prompt_episodes} episodes)"
+            eps = episodes(dataset, what, dataset.episode_indices[-self.dataset.prompt_episodes :])
+        else:
+            path = self.dataset.path(task, "prompts")
+            what = f"prompts dataset of {task!r} at {path}"
+            eps = episodes(open_collected(path), what)
+        L, stride = self.traj_prompt_len, self.traj_prompt_stride
+        return prompt_trajectories(eps, what, L, stride, self.obs_dim, self.act_dim)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from llmdpd_pl.data.prompts import DEFAULT_INSTRUCTION
+from llmdpd_pl.errors import ConfigError, at_least
 from llmdpd_pl.utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class LLMSpec:
             (e.g. ``meta-llama/Meta-Llama-3-8B``, ``allenai/OLMo-1B-hf``). Nothing is downloaded.
         instruction: Prepended to every prompt (paper §3.1.1). Empty string for none.
         dtype: Weights and activations dtype of the LLM; the pooled vector is stored as float32.
-        max_length: Tokenizer truncation length.
+        max_length: Tokenizer truncation length; a longer prompt is truncated, with a warning.
         pooling: How token states become one vector. Only masked mean pooling (the paper's) for now.
         batch_size: Prompts per forward pass.
         device: Device for the one-off embedding pass (``"cuda"`` helps for 8B models).
@@ -56,13 +57,11 @@ class LLMSpec:
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
-            raise ValueError(f"data.llm.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            raise ConfigError("data.llm.dtype", f"must be one of {sorted(_DTYPES)}", self.dtype)
         if self.pooling != "mean":
-            raise ValueError(f"data.llm.pooling must be 'mean', got {self.pooling!r}")
-        if self.max_length < 8:
-            raise ValueError(f"data.llm.max_length must be >= 8, got {self.max_length}")
-        if self.batch_size < 1:
-            raise ValueError(f"data.llm.batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError("data.llm.pooling", "must be 'mean'", self.pooling)
+        at_least("data.llm.max_length", self.max_length, 8)
+        at_least("data.llm.batch_size", self.batch_size, 1)
 
 
 def resolve_model_path(model: str) -> Path:
@@ -79,11 +78,9 @@ def resolve_model_path(model: str) -> Path:
 
         return Path(snapshot_download(model, local_files_only=True))
     except Exception as err:
-        raise ValueError(
-            f"data.llm.model: {model!r} is neither a local folder nor a model in the local Hugging Face "
-            f"cache ({type(err).__name__}). Download it once elsewhere (huggingface-cli download) "
-            "or pass a folder saved with save_pretrained."
-        ) from None
+        raise ConfigError("data.llm.model", f"neither a local folder nor a model in the local Hugging Face "
+                          f"cache ({type(err).__name__}); download it once elsewhere (huggingface-cli "
+                          "download) or pass a folder saved with save_pretrained", model) from None
 
 
 def weights_fingerprint(path: Path) -> str:
@@ -98,7 +95,7 @@ def weights_fingerprint(path: Path) -> str:
             h.update((path / cfg).read_bytes())
     weight_files = sorted(p for p in path.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt", ".pth"})
     if not weight_files:
-        raise ValueError(f"data.llm.model: no weight files (*.safetensors, *.bin) under {path}")
+        raise ConfigError("data.llm.model", "no weight files (*.safetensors, *.bin) in its folder", path)
     chunk = 1 << 20
     for wf in weight_files:
         size = wf.stat().st_size
@@ -119,18 +116,18 @@ def llm_identity(spec: LLMSpec) -> dict[str, Any]:
 
 
 def check_same_llm(trained: dict[str, Any], given: dict[str, Any]) -> None:
-    """A ``ValueError`` naming the ``data.llm`` key unless two :func:`llm_identity` are the same LLM."""
+    """A :class:`ConfigError` naming the ``data.llm`` key unless two :func:`llm_identity` are the same LLM."""
     for key, value in trained.items():
         if given.get(key) == value or (key == "model" and given.get("weights") == trained.get("weights")):
             continue  # the same weights under another path or id are the same LLM
         if key == "weights":
-            what = f"data.llm.model: its weights differ from the checkpoint's (fingerprint {str(value)[:12]})"
+            what = f"its weights differ from the checkpoint's (fingerprint {str(value)[:12]})"
         else:
-            what = f"data.llm.{key}: the checkpoint's text head was trained with {value!r}"
-        raise ValueError(
-            f"{what}, got {given.get('model' if key == 'weights' else key)!r}. A text head trained on one "
-            "LLM's embeddings means nothing on another's: test with the LLM the checkpoint was trained with"
-        )
+            what = f"the checkpoint's text head was trained with {value!r}"
+        field = "model" if key == "weights" else key
+        raise ConfigError(f"data.llm.{field}", f"{what}; a text head trained on one LLM's embeddings means "
+                          "nothing on another's: test with the LLM the checkpoint was trained with",
+                          given.get(field))  # fmt: skip
 
 
 def embed_dim(spec: LLMSpec) -> int:
@@ -142,7 +139,7 @@ def embed_dim(spec: LLMSpec) -> int:
         config = AutoConfig.from_pretrained(str(path))
         return int(getattr(config, "hidden_size", None) or config.d_model)
     except Exception as err:
-        raise ValueError(f"data.llm.model: cannot read a transformers config from {path}: {err}") from None
+        raise ConfigError("data.llm.model", f"cannot read a transformers config ({err})", path) from None
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -175,6 +172,10 @@ class TextEncoder:
         self.model = AutoModel.from_pretrained(str(path), dtype=_DTYPES[spec.dtype]).to(spec.device)
         self.model.eval().requires_grad_(False)
         self.forward_passes = 0
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text before truncation, special tokens included."""
+        return [len(ids) for ids in self.tokenizer(texts, verbose=False)["input_ids"]]
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:
@@ -285,6 +286,10 @@ def embed_texts(
     passes = 0
     if missing:
         encoder = TextEncoder(spec)
+        for name, count in zip(missing, encoder.token_counts([texts[n] for n in missing]), strict=True):
+            if count > spec.max_length:  # once per prompt: a cached prompt is never embedded again
+                log.warning("the text prompt of %r has %d tokens, more than data.llm.max_length = %d: the "
+                            "LLM reads only its first %d", name, count, spec.max_length, spec.max_length)
         vecs = encoder.encode([texts[n] for n in missing])
         passes = encoder.forward_passes
         for name, vec in zip(missing, vecs, strict=True):

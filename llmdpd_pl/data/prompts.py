@@ -1,4 +1,6 @@
-"""Structured text prompts (paper Figure 1: Task / Objective / Constraints) for the 50 Meta-World tasks.
+"""Structured text prompts (paper Figure 1: Task / Objective / Constraints) for the 50 Meta-World tasks
+and the three MuJoCo locomotion envs of D4RL (``HalfCheetah-v5``, ``Hopper-v5``, ``Walker2d-v5``: the
+robot, its state and action, the reward, the initial state and the termination, as the paper's §4.2).
 
 The texts live in ``prompts.json`` next to this file, written for this project. A config can override
 a task's prompt or add prompts for new tasks through ``PromptedOfflineDataModule(prompts=...)``.
@@ -10,6 +12,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+
+from llmdpd_pl.errors import ConfigError
 
 DEFAULT_INSTRUCTION = "Convert the following task description into a structured policy representation."
 
@@ -28,16 +32,15 @@ class TextPrompt:
 
 
 def _parse(name: str, entry: object, field: str) -> TextPrompt:
+    key = f"{field}.{name}"
     if not isinstance(entry, Mapping):
-        raise ValueError(
-            f"{field}[{name!r}]: expected a mapping with task/objective/constraints, got {entry!r}"
-        )
+        raise ConfigError(key, "expected a mapping with task/objective/constraints", entry)
     missing = [k for k in ("task", "objective", "constraints") if not str(entry.get(k, "")).strip()]
     if missing:
-        raise ValueError(f"{field}[{name!r}]: missing or empty keys {missing}")
+        raise ConfigError(key, f"missing or empty keys {missing}", dict(entry))
     extra = sorted(set(entry) - {"task", "objective", "constraints"})
     if extra:
-        raise ValueError(f"{field}[{name!r}]: unknown keys {extra}; allowed: task, objective, constraints")
+        raise ConfigError(key, f"unknown keys {extra}; allowed: task, objective, constraints", dict(entry))
     return TextPrompt(str(entry["task"]), str(entry["objective"]), str(entry["constraints"]))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -25,12 +26,15 @@ import torch
 import yaml
 from PIL import Image
 
+from llmdpd_pl.acting import module_policy
+from llmdpd_pl.callbacks.ema import ActorEMA
 from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
 from llmdpd_pl.cli import build_cli, main
 from llmdpd_pl.data.embeddings import embed_texts
 from llmdpd_pl.data.prompts import load_prompts, render_prompt
 from llmdpd_pl.data.spec import DatasetSpec
-from llmdpd_pl.rollouts import TaskResult, expert_policy, random_policy, run_episodes
+from llmdpd_pl.module import LLMDPDModule
+from llmdpd_pl.rollouts import TaskResult, expert_policy, random_policy, run_episodes, wilson_interval
 from tests.model_fixtures import ModelData, model_data, one_thread, write_config
 
 __all__ = ["model_data", "one_thread"]  # fixtures imported for pytest
@@ -40,6 +44,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Constant:UserWarning")
 
 SEEN, UNSEEN = ("reach", "push"), ("box-close",)  # conftest's session collection
 EVAL_STEPS = 20
+TEST_STEPS = 60  # llmdpd test's end-to-end run: long enough for reach's scripted expert to succeed
 VIDEO_STRIDE = 4  # RolloutEvaluation's default
 VIDEO_FRAMES = 1 + EVAL_STEPS // VIDEO_STRIDE  # the reset frame, then every 4th step
 
@@ -51,7 +56,7 @@ def _evaluation(**overrides: object) -> dict:
 
 # ------------------------------------------------------------------------------- evaluate()
 def test_constructor_rejects_non_positive_counts() -> None:
-    with pytest.raises(ValueError, match="num_envs must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"num_envs: must be >= 1 \(got 0\)"):
         RolloutEvaluation(num_envs=0)
     with pytest.raises(ValueError, match="test_episodes"):
         RolloutEvaluation(test_episodes=0)
@@ -60,11 +65,11 @@ def test_constructor_rejects_non_positive_counts() -> None:
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("video_episodes", -1, "video_episodes must be >= 0, got -1"),
-        ("video_size", 8, "video_size must be >= 16, got 8"),
-        ("video_stride", 0, "video_stride must be >= 1, got 0"),
-        ("video_fps", 0, "video_fps must be >= 1, got 0"),
-        ("video_fps", 60, "video_fps must be <= 50 .*, got 60"),
+        ("video_episodes", -1, r"video_episodes: must be >= 0 \(got -1\)"),
+        ("video_size", 8, r"video_size: must be >= 16 \(got 8\)"),
+        ("video_stride", 0, r"video_stride: must be >= 1 \(got 0\)"),
+        ("video_fps", 0, r"video_fps: must be >= 1 \(got 0\)"),
+        ("video_fps", 60, r"video_fps: must be <= 50 .*\(got 60\)"),
     ],
 )
 def test_constructor_rejects_bad_video_options(option: str, value: int, message: str) -> None:
@@ -129,6 +134,15 @@ def plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["llmdpd"])
 
 
+def _trained_agent(ckpt: Path) -> LLMDPDModule:
+    """The checkpoint's module with its EMA actor attached, as ``llmdpd test`` restores it."""
+    module = LLMDPDModule.load_from_checkpoint(ckpt, map_location="cpu")
+    ema = ActorEMA()
+    ema.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"]["ActorEMA"])
+    ema.setup(None, module, "test")  # type: ignore[arg-type]
+    return module
+
+
 def test_fit_logs_eval_metrics_every_n_updates(fitted: Fitted) -> None:
     # callback_metrics is what ModelCheckpoint(monitor="eval/unseen/success") reads.
     assert {"eval/seen/success", "eval/unseen/success"} <= fitted.callback_metrics
@@ -138,11 +152,21 @@ def test_fit_logs_eval_metrics_every_n_updates(fitted: Fitted) -> None:
     # Updates 2 and 4 of 4, at the step Lightning gives that batch's train metrics (batches before it).
     # Not multiples of log_every_n_steps (50): logged through Lightning, these rows would be dropped.
     assert [int(r["step"]) for r in evals] == [1, 3], evals
-    for r in evals:
-        for key in ("eval/seen/success", "eval/unseen/success", "eval/seen/reach/success",
-                    "eval/seen/push/success", "eval/unseen/box-close/success"):
-            assert 0.0 <= float(r[key]) <= 1.0, (key, r[key])
-        assert float(r["eval/unseen/box-close/return"]) >= 0.0  # Meta-World rewards are in [0, 10]
+    tasks = [(t, "seen") for t in SEEN] + [(t, "unseen") for t in UNSEEN]
+    for r in evals:  # each split's mean is the mean of its tasks' rates (floats written as repr: exact)
+        for split in ("seen", "unseen"):
+            rates = [float(r[f"eval/{s}/{t}/success"]) for t, s in tasks if s == split]
+            assert float(r[f"eval/{split}/success"]) == pytest.approx(sum(rates) / len(rates), abs=1e-12)
+    # The last evaluation ran the weights the checkpoint holds: the same episodes (layouts 0 and 1,
+    # action noise seeded by seed + updates = 4) rerun here give the logged numbers exactly.
+    module = _trained_agent(fitted.ckpt)
+    assert module.updates == 4
+    policy = module_policy(module, prompt_index=0, seed=4)
+    for task, split in tasks:
+        counts = run_episodes(policy, task, [0, 1], num_envs=1, seed=0, max_steps=EVAL_STEPS)
+        want = TaskResult.from_counts(task, split, "agent", counts)
+        assert float(evals[-1][f"eval/{split}/{task}/success"]) == want.success_rate, task
+        assert float(evals[-1][f"eval/{split}/{task}/return"]) == want.mean_return, task
 
 
 def test_fit_records_videos_at_each_evaluation(fitted: Fitted) -> None:
@@ -155,42 +179,75 @@ def test_fit_records_videos_at_each_evaluation(fitted: Fitted) -> None:
         assert 1 < gif.n_frames <= VIDEO_FRAMES  # Pillow merges identical consecutive frames
 
 
-def _table_rows(stdout: str) -> dict[tuple[str, str, str], int]:
-    """(task, split, policy) → episodes, from the results table's task rows."""
-    rows = {}
-    for line in stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[0] in SEEN + UNSEEN and parts[1] in ("seen", "unseen"):
-            rows[(parts[0], parts[1], parts[2])] = int(parts[3])
-    return rows
+TABLE_ROW = re.compile(  # task split policy eps success% [ci_low, ci_high] return [± std] length t_succ
+    r"^(?P<task>\S+) +(?P<split>seen|unseen|target) +(?P<policy>\S+) +(?P<episodes>\d+) +"
+    r"(?P<success>[\d.]+)% +\[(?P<ci_low>[\d.]+), (?P<ci_high>[\d.]+)\] +"
+    r"(?P<mean_return>-?[\d.]+)(?: ± [\d.]+)? +(?P<mean_length>\d+) +(?P<t_succ>\S+)"
+)
+
+
+def _table_rows(stdout: str) -> dict[tuple[str, str, str], dict[str, str]]:
+    """(task, split, policy) → the printed fields of that row of the results table."""
+    matches = (TABLE_ROW.match(line) for line in stdout.splitlines())
+    return {(m["task"], m["split"], m["policy"]): m.groupdict() for m in matches if m}
+
+
+def _as_printed(row: dict[str, Any]) -> dict[str, str]:
+    """A results-JSON row in the table's format (percentages and return to 0.1, length to 1)."""
+    t_succ = row["mean_steps_to_success"]
+    pct = {k: f"{100 * row[k]:.1f}" for k in ("ci_low", "ci_high")}
+    return {"task": row["task"], "split": row["split"], "policy": row["policy"],
+            "episodes": str(row["episodes"]), "success": f"{100 * row['success_rate']:.1f}", **pct,
+            "mean_return": f"{row['mean_return']:.1f}", "mean_length": f"{row['mean_length']:.0f}",
+            "t_succ": "-" if t_succ is None else f"{t_succ:.0f}"}
 
 
 def test_llmdpd_test_end_to_end(
     fitted: Fitted, tmp_path: Path, capsys: pytest.CaptureFixture[str], plain_argv: None
 ) -> None:
-    config, ckpt = fitted.config, fitted.ckpt
-    output = tmp_path / "r.json"
+    """The printed table and the JSON agree row for row, and the scripted expert succeeds on reach.
+
+    Test episodes last 60 steps here (the fit's 20 are too short for any success): reach's expert first
+    succeeds by step 60 on layouts 0-2 (measured: steps 46-51).
+    """
+    config = yaml.safe_load(fitted.config.read_text())
+    callbacks = config["trainer"]["callbacks"]
+    evaluation = next(c for c in callbacks if c["class_path"].endswith("RolloutEvaluation"))
+    evaluation["init_args"]["max_steps"] = TEST_STEPS
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    config_path, ckpt, output = tmp_path / "config.yaml", fitted.ckpt, tmp_path / "r.json"
     capsys.readouterr()
-    main(["test", "--config", str(config), "--ckpt_path", str(ckpt), "--episodes", "3", "--expert", "true",
-          "--output", str(output), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-          "--trainer.default_root_dir", str(tmp_path), "--videos", "0"])  # the config records 1 a task
+    main(["test", "--config", str(config_path), "--ckpt_path", str(ckpt), "--episodes", "3",
+          "--expert", "true", "--output", str(output), "--trainer.enable_progress_bar", "false",
+          "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+          "--videos", "0"])  # the config records 1 a task
     stdout = capsys.readouterr().out
 
     expected = {(t, "seen", p) for t in SEEN for p in ("agent", "expert")}
     expected |= {(t, "unseen", p) for t in UNSEEN for p in ("agent", "expert")}
     table = _table_rows(stdout)
     assert set(table) == expected, stdout
-    assert set(table.values()) == {3}
-    assert any(line.startswith("mean seen") for line in stdout.splitlines())
-    assert any(line.startswith("mean unseen") for line in stdout.splitlines())
     assert stdout.strip().splitlines()[-1] == str(output)  # the JSON path is the last line printed
 
     data = json.loads(output.read_text())
     assert {(r["task"], r["split"], r["policy"]) for r in data["results"]} == expected
     assert [r["episodes"] for r in data["results"]] == [3] * len(expected)
+    for row in data["results"]:
+        key = (row["task"], row["split"], row["policy"])
+        assert table[key] == _as_printed(row), key
+        successes = round(3 * row["success_rate"])
+        assert successes == pytest.approx(3 * row["success_rate"], abs=1e-9)  # a whole number of episodes
+        assert (row["ci_low"], row["ci_high"]) == wilson_interval(successes, 3), key
+        assert row["mean_length"] == TEST_STEPS  # Meta-World episodes end by time limit only
+    means = {line.split()[1]: line.split()[2] for line in stdout.splitlines() if line.startswith("mean ")}
+    for split in ("seen", "unseen"):  # the agent's mean success per split, printed
+        rates = [r["success_rate"] for r in data["results"] if r["split"] == split and r["policy"] == "agent"]
+        assert means[split] == f"{100 * sum(rates) / len(rates):.1f}%", split
+    expert = {r["task"]: r for r in data["results"] if r["policy"] == "expert"}
+    assert expert["reach"]["success_rate"] == 1.0 and expert["reach"]["mean_steps_to_success"] < TEST_STEPS
     assert data["meta"]["episodes_per_task"] == 3
     assert data["meta"]["ckpt_path"] == str(ckpt) and data["meta"]["updates"] == 4
-    assert data["meta"]["max_steps"] == EVAL_STEPS and data["meta"]["world_size"] == 1
+    assert data["meta"]["max_steps"] == TEST_STEPS and data["meta"]["world_size"] == 1
     # The run's identity: the code, the resolved config, the training seed and wall time.
     assert data["meta"]["train_seconds"] > 0 and data["meta"]["model_seed"] == 0
     assert data["meta"]["config"]["model"]["hidden_dim"] == 32
@@ -259,11 +316,15 @@ def test_llmdpd_test_rejects_zero_episodes(
     assert not output.exists()
 
 
-def test_llmdpd_test_rejects_negative_videos(fitted: Fitted, tmp_path: Path, plain_argv: None) -> None:
+def test_llmdpd_test_rejects_negative_videos(
+    fitted: Fitted, tmp_path: Path, plain_argv: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     output = tmp_path / "r.json"
-    with pytest.raises(ValueError, match="--videos must be >= 0, got -1"):
+    with pytest.raises(SystemExit) as info:
         main(["test", "--config", str(fitted.config), "--ckpt_path", str(fitted.ckpt), "--videos", "-1",
               "--output", str(output), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.rstrip().endswith("error: videos: must be >= 0 (got -1)")
     assert not output.exists()
 
 
@@ -350,9 +411,9 @@ def test_a_different_llm_at_test_time_is_refused(
 def test_conflicting_model_keys_at_test_time(
     fitted: Fitted, tmp_path: Path, plain_argv: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(ValueError, match=r"model\.hidden_dim: given 64, the checkpoint's is 32"):
+    with pytest.raises(ValueError, match=r"model\.hidden_dim: the checkpoint's is 32, .*\(got 64\)"):
         _test(fitted, tmp_path, "--model.hidden_dim", "64")
-    with pytest.raises(ValueError, match=r"model\.prompts: given 'none', the checkpoint's is 'both'"):
+    with pytest.raises(ValueError, match=r"model\.prompts: the checkpoint's is 'both', .*\(got 'none'\)"):
         _test(fitted, tmp_path, "--model.prompts", "none")
     capsys.readouterr()
     cli, data = _test(fitted, tmp_path, "--model.action_selection", "sample", "--model.eta", "0.5")

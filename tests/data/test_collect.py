@@ -19,7 +19,14 @@ import numpy as np
 import pytest
 
 from llmdpd_pl.data.collect import collect, format_table, summarize
-from llmdpd_pl.data.spec import METADATA_FILE, DatasetSpec, QualityLevel, is_complete, read_metadata
+from llmdpd_pl.data.spec import (
+    METADATA_FILE,
+    DatasetSpec,
+    QualityLevel,
+    corruption,
+    is_complete,
+    read_metadata,
+)
 from llmdpd_pl.envs import ACT_DIM, OBS_DIM
 from tests.conftest import EPISODE_STEPS, SEEN_TASKS, UNSEEN_TASKS, Collected
 
@@ -169,7 +176,7 @@ def test_second_collect_reuses_complete_datasets(collected: Collected) -> None:
     assert rows == collected.rows
 
 
-def test_a_folder_without_sidecar_never_passes_as_complete(dataset_copy: DatasetSpec) -> None:
+def test_a_folder_without_sidecar_is_never_reused(dataset_copy: DatasetSpec) -> None:
     # What an interrupted run or a staging folder moved by hand looks like: Minari files, no llmdpd.json.
     path = dataset_copy.path("reach", "train")
     (path / METADATA_FILE).unlink()
@@ -177,9 +184,9 @@ def test_a_folder_without_sidecar_never_passes_as_complete(dataset_copy: Dataset
         read_metadata(path)
     with pytest.raises(ValueError, match="missing or incomplete"):
         is_complete(dataset_copy, "reach", "train")
-    with pytest.raises(ValueError, match="missing or incomplete"):
-        _quiet_collect(dataset_copy, ["reach"], [])
-    assert not (path / METADATA_FILE).exists()
+    _quiet_collect(dataset_copy, ["reach"], [])  # rebuilds it: a corrupt dataset is never reused
+    assert json.loads((path / METADATA_FILE).read_text())["task"] == "reach"
+    assert corruption(path) is None
 
 
 @pytest.mark.parametrize(
@@ -323,14 +330,15 @@ def test_bad_dataset_spec_names_the_field(kwargs: dict, field: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"episodes": -1}, "episodes"),
-        ({"episodes": 1, "noise_std": -0.1}, "noise_std"),
-        ({"episodes": 1, "random_prob": 1.5}, "random_prob"),
+        ({"episodes": -1}, r"data\.dataset\.levels\.medium\.episodes: must be >= 0 \(got -1\)"),
+        ({"episodes": 1, "noise_std": -0.1}, r"data\.dataset\.levels\.medium\.noise_std: .*\(got -0\.1\)"),
+        ({"episodes": 1, "random_prob": 1.5}, r"data\.dataset\.levels\.medium\.random_prob: .*\(got 1\.5\)"),
     ],
 )
 def test_bad_quality_level_names_the_field(kwargs: dict, message: str) -> None:
+    """A level is checked by the spec that holds it, which knows the level's key."""
     with pytest.raises(ValueError, match=message):
-        QualityLevel(**kwargs)
+        DatasetSpec(levels={"expert": QualityLevel(1), "medium": QualityLevel(**kwargs)})
 
 
 def test_collect_checks_task_names_before_writing(tmp_path: Path) -> None:

@@ -273,7 +273,7 @@ def test_trainer_resume_mid_epoch_sees_the_uninterrupted_batches(
 
 # ----------------------------------------------------------------------------------------------- bad config
 def test_unknown_task_lists_close_matches(collected: Collected, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"data\.seen_tasks: unknown Meta-World task 'reachh'.*'reach'"):
+    with pytest.raises(ValueError, match=r"data\.seen_tasks: unknown task 'reachh'.*'reach'"):
         make_dm(collected.spec, tmp_path, seen=["reachh"], unseen=[])
     with pytest.raises(ValueError, match=r"data\.unseen_tasks: .*'door-unlock'"):
         make_dm(collected.spec, tmp_path, seen=["reach"], unseen=["door-unlok"])

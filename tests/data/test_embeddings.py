@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import shutil
 import threading
 from pathlib import Path
 
@@ -143,7 +144,26 @@ def test_cache_hit_runs_no_llm_and_returns_the_same_vector(tmp_path: Path) -> No
     before = TextEncoder.total_forward_passes
     second, stats = embed_texts(TEXTS, spec, tmp_path)
     assert stats == EmbedStats(hits=4, misses=0, forward_passes=0)
-    assert TextEncoder.total_forward_passes == before  # no model was even loaded and run
+    assert TextEncoder.total_forward_passes == before  # no LLM forward pass
+    for name in TEXTS:
+        assert torch.equal(first[name], second[name])
+
+
+def test_cache_hit_loads_no_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A warm cache needs the weights' fingerprint only: with the tokenizer deleted, so that any attempt to
+    load the LLM fails, every hit is still served."""
+    model_dir = tmp_path / "llm"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    spec = LLMSpec(model=str(model_dir))
+    first, _ = embed_texts(TEXTS, spec, tmp_path / "cache")
+    tokenizer_files = [p for p in model_dir.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
+    assert tokenizer_files
+    for p in tokenizer_files:  # not part of the fingerprint: the cache keys stay the same
+        p.unlink()
+    with pytest.raises(ValueError):  # the control: this LLM cannot be loaded
+        embed_texts(TEXTS, spec, tmp_path / "cold")
+    second, stats = embed_texts(TEXTS, spec, tmp_path / "cache")
+    assert stats == EmbedStats(hits=4, misses=0, forward_passes=0)
     for name in TEXTS:
         assert torch.equal(first[name], second[name])
 
@@ -352,7 +372,7 @@ def test_the_same_weights_under_another_path_are_the_same_llm() -> None:
     check_same_llm(trained, {**trained, "model": "/models/all-MiniLM-L6-v2"})  # no error
     with pytest.raises(ValueError, match=r"data\.llm\.model: its weights differ"):
         check_same_llm(trained, {**trained, "weights": "cd" * 32})  # the same name, other weights
-    with pytest.raises(ValueError, match=r"data\.llm\.model: .*trained with 'minilm', got '/models/other'"):
+    with pytest.raises(ValueError, match=r"data\.llm\.model: .*'minilm';.*\(got '/models/other'\)"):
         check_same_llm(trained, {**trained, "model": "/models/other", "weights": "cd" * 32})
     with pytest.raises(ValueError, match=r"data\.llm\.dtype: the checkpoint's text head was trained with"):
         check_same_llm(trained, {**trained, "dtype": "bfloat16"})

@@ -16,11 +16,12 @@ from llmdpd_pl.envs import METAWORLD_TASKS
 NEW_REACH = {"task": "Reach far", "objective": "Touch the far wall.", "constraints": "Stay above the table."}
 
 
-def test_packaged_prompts_cover_exactly_the_50_tasks() -> None:
+def test_packaged_prompts_cover_exactly_the_50_tasks_and_d4rls_three_envs() -> None:
+    tasks = [*METAWORLD_TASKS, "HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"]
     raw = json.loads(resources.files("llmdpd_pl.data").joinpath("prompts.json").read_text())
-    assert sorted(raw) == sorted(METAWORLD_TASKS)  # the file itself, before any parsing
+    assert sorted(raw) == sorted(tasks)  # the file itself, before any parsing
     prompts = load_prompts()
-    assert set(prompts) == set(METAWORLD_TASKS)
+    assert set(prompts) == set(tasks)
     for name, prompt in prompts.items():
         for field in ("task", "objective", "constraints"):
             assert getattr(prompt, field).strip(), f"{name}.{field} is empty"
@@ -29,10 +30,10 @@ def test_packaged_prompts_cover_exactly_the_50_tasks() -> None:
 def test_rendered_prompts_are_all_distinct() -> None:
     prompts = load_prompts()
     rendered = [render_prompt(p) for p in prompts.values()]
-    assert len(set(rendered)) == 50
+    assert len(rendered) == 53 and len(set(rendered)) == 53  # 50 Meta-World tasks, 3 locomotion envs
     # Each field alone distinguishes the tasks too, so no two tasks share a description.
-    assert len({p.task for p in prompts.values()}) == 50
-    assert len({p.objective for p in prompts.values()}) == 50
+    assert len({p.task for p in prompts.values()}) == 53
+    assert len({p.objective for p in prompts.values()}) == 53
 
 
 def test_door_lock_and_door_unlock_differ() -> None:
@@ -57,7 +58,7 @@ def test_overrides_replace_and_add() -> None:
     prompts = load_prompts({"reach": NEW_REACH, "my-wave": extra})
     assert prompts["reach"] == TextPrompt(**NEW_REACH)
     assert prompts["my-wave"] == TextPrompt(**extra)
-    assert len(prompts) == 51
+    assert len(prompts) == len(load_prompts()) + 1
     default = load_prompts()
     assert prompts["push"] == default["push"]  # untouched tasks keep the packaged text
     assert default["reach"] != TextPrompt(**NEW_REACH)  # overrides never leak into later loads
@@ -74,7 +75,7 @@ def test_overrides_replace_and_add() -> None:
     ids=["missing-key", "blank-value", "unknown-key", "not-a-mapping"],
 )
 def test_bad_override_names_the_config_field(entry: object, detail: str) -> None:
-    with pytest.raises(ValueError, match=r"data\.prompts\['reach'\]") as err:
+    with pytest.raises(ValueError, match=r"data\.prompts\.reach: ") as err:
         load_prompts({"reach": entry})  # type: ignore[dict-item]
     assert re.search(detail, str(err.value)), str(err.value)
 

@@ -1,0 +1,140 @@
+"""Reading Minari datasets into tensors: the training transitions and the trajectory prompts.
+
+A dataset is either one ``llmdpd collect`` built (``root/<id>``, with its ``llmdpd.json`` sidecar) or
+any Minari dataset named by id (``data.dataset_id``, e.g. ``mujoco/hopper/medium-v0``), looked up
+locally first under ``data.dataset.root``, then in Minari's own folder (``MINARI_DATASETS_PATH`` or
+``~/.minari/datasets``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llmdpd_pl.data.batches import Transitions
+from llmdpd_pl.data.spec import read_metadata
+from llmdpd_pl.errors import ConfigError
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise ValueError(f"{what}: {bad} non-finite values (NaN/inf) in the data")
+
+
+def open_collected(path: Path) -> Any:
+    """A dataset ``llmdpd collect`` built at ``path`` (its sidecar says it is complete)."""
+    import minari
+
+    read_metadata(path)  # missing / incomplete / corrupt sidecar → clear error
+    try:
+        return minari.MinariDataset(path / "data")
+    except Exception as err:
+        raise ConfigError("data.dataset.root", f"the dataset cannot be read ({type(err).__name__}: {err}); "
+                          "delete it and re-run `llmdpd collect`", path) from None  # fmt: skip
+
+
+def minari_roots(root: str | Path) -> list[Path]:
+    """Where a dataset id is looked up, in order: ``root``, then Minari's own datasets folder."""
+    default = os.environ.get("MINARI_DATASETS_PATH", str(Path.home() / ".minari" / "datasets"))
+    return list(dict.fromkeys([Path(root).resolve(), Path(default).resolve()]))
+
+
+def open_by_id(dataset_id: str, root: str | Path) -> Any:
+    """``minari.load_dataset(dataset_id)`` from the first of :func:`minari_roots` that holds it."""
+    import minari
+
+    for folder in minari_roots(root):
+        if (folder / dataset_id / "data").is_dir():
+            previous = os.environ.get("MINARI_DATASETS_PATH")
+            os.environ["MINARI_DATASETS_PATH"] = str(folder)
+            try:
+                return minari.load_dataset(dataset_id)
+            finally:
+                if previous is None:
+                    os.environ.pop("MINARI_DATASETS_PATH")
+                else:
+                    os.environ["MINARI_DATASETS_PATH"] = previous
+    searched = " or ".join(str(f) for f in minari_roots(root))
+    raise ConfigError("data.dataset_id", f"no Minari dataset of this id under {searched}. With internet, "
+                      f"`minari download {dataset_id}` fetches it (or set MINARI_DATASETS_PATH to a folder "
+                      "that holds it)", dataset_id)  # fmt: skip
+
+
+def episodes(dataset: Any, what: str, indices: Sequence[int] | None = None) -> Iterator[Any]:
+    """The dataset's episodes (those of ``indices`` if given); a read error names ``what``."""
+    try:
+        yield from dataset.iterate_episodes(indices)
+    except Exception as err:
+        raise ConfigError("data.dataset.root", f"{what} is corrupt ({type(err).__name__}: {err}); delete it "
+                          "and re-run `llmdpd collect`", what) from None  # fmt: skip
+
+
+def to_transitions(
+    tasks: Sequence[tuple[Iterable[Any], str]], obs_dim: int, act_dim: int, reward_scale: float
+) -> Transitions:
+    """Every (s, a, r, s', not_done, task) of the tasks' episodes; ``not_done`` comes from terminations
+    only (a time-limit truncation is not a terminal state).
+
+    Args:
+        tasks: One (episodes, description for errors) per task, in task-index order.
+    """
+    keys = ("obs", "action", "reward", "next_obs", "not_done", "task")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    S, A = obs_dim, act_dim
+    for task_id, (eps, what) in enumerate(tasks):
+        for ep in eps:
+            obs, act = np.asarray(ep.observations), np.asarray(ep.actions)
+            if obs.ndim != 2 or obs.shape[1] != S or act.ndim != 2 or act.shape[1] != A:
+                raise ConfigError("data.seen_tasks", f"{what}: episode {ep.id} has observations {obs.shape} "
+                                  f"and actions {act.shape}; expected (T+1, {S}) and (T, {A}), the widths "
+                                  "of the tasks' envs", what)  # fmt: skip
+            if len(obs) != len(act) + 1:
+                raise ValueError(
+                    f"{what}: episode {ep.id} has {len(obs)} observations for {len(act)} actions; "
+                    "expected T+1 for T"
+                )
+            for name, arr in (("observations", obs), ("actions", act), ("rewards", ep.rewards)):
+                check_finite(np.asarray(arr), f"{what}, episode {ep.id}, {name}")
+            parts["obs"].append(obs[:-1])
+            parts["next_obs"].append(obs[1:])
+            parts["action"].append(act)
+            parts["reward"].append(np.asarray(ep.rewards) * reward_scale)
+            parts["not_done"].append(1.0 - np.asarray(ep.terminations, dtype=np.float64))
+            parts["task"].append(np.full(len(act), task_id))
+        if not parts["task"] or parts["task"][-1][0] != task_id:
+            raise ValueError(f"{what} has no episodes")
+
+    def cat(key: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.from_numpy(np.concatenate(parts[key])).to(dtype)
+
+    return Transitions(
+        cat("obs"), cat("action"), cat("reward"), cat("next_obs"), cat("not_done"), cat("task", torch.int64)
+    )
+
+
+def prompt_trajectories(
+    eps: Iterable[Any], what: str, length: int, stride: int, obs_dim: int, act_dim: int
+) -> tuple[Tensor, Tensor]:
+    """(P, L, S) states and (P, L, A) actions: every ``stride``-th step, the last repeated if short."""
+    obs, act = [], []
+    for ep in eps:
+        o, a = np.asarray(ep.observations)[:-1], np.asarray(ep.actions)
+        if o.shape[-1] != obs_dim or a.shape[-1] != act_dim:
+            raise ConfigError("data.seen_tasks", f"{what}: observations {o.shape} / actions {a.shape}; "
+                              f"expected (T, {obs_dim}) / (T, {act_dim}), the widths of the tasks' envs",
+                              what)  # fmt: skip
+        check_finite(o, f"{what}, observations")
+        check_finite(a, f"{what}, actions")
+        idx = np.minimum(np.arange(length) * stride, len(a) - 1)
+        obs.append(torch.from_numpy(o[idx]).float())
+        act.append(torch.from_numpy(a[idx]).float())
+    if not obs:
+        raise ValueError(f"{what} has no episodes")
+    return torch.stack(obs), torch.stack(act)
