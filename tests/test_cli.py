@@ -17,6 +17,8 @@ import torch
 import yaml
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 
 from llmdpd_pl.callbacks.ema import ActorEMA
@@ -279,7 +281,8 @@ def _ddp_by_hand(model_data: ModelData, initial: dict[str, Tensor], updates: int
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_keep_identical_weights(model_data: ModelData, tmp_path: Path) -> None:
+def test_ddp_two_cpu_processes_keep_identical_weights(model_data: ModelData, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Plain ``ddp`` fails here (two backward passes on disjoint parameter sets, DESIGN §5).
 
     Two ranks do not equal one process on the two ranks' batches concatenated, and cannot: each rank
@@ -314,6 +317,8 @@ def test_ddp_two_cpu_processes_keep_identical_weights(model_data: ModelData, tmp
     still = [k for k in trained if torch.equal(rank0["state"][k], rank0["initial"][k])]
     assert len(still) < len(trained) and all(".diffusion." in k for k in still), still
 
+    for flag in (rank_zero_only, utils_rank_zero_only):  # a Trainer of rank 1 sets Lightning's process-wide
+        monkeypatch.setattr(flag, "rank", flag.rank)  # rank 1, which would mute later tests' loggers: restore
     by_hand = _ddp_by_hand(model_data, rank0["initial"], updates=3)
     for rank, dumped in enumerate((rank0, rank1)):
         for got, want in zip(by_hand["batches"][rank], dumped["batches"], strict=True):
