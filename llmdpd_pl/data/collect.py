@@ -41,6 +41,7 @@ from llmdpd_pl.data.spec import (
     checksums,
     corruption,
     is_complete,
+    minari_datasets_path,
     read_metadata,
 )
 from llmdpd_pl.envs import check_task_names
@@ -117,29 +118,21 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
-        previous = os.environ.get("MINARI_DATASETS_PATH")
-        os.environ["MINARI_DATASETS_PATH"] = str(staging)
-        try:
-            with warnings.catch_warnings():
-                # The project has no contact address beyond its code permalink, which is recorded.
-                warnings.filterwarnings("ignore", "`author_email` is set to None", UserWarning)
-                minari.create_dataset_from_buffers(
-                    dataset_id=spec.dataset_id(task, kind),
-                    buffer=[b for b in buffers],
-                    env=env,
-                    eval_env=env.spec,  # evaluation runs on the env that collected the data
-                    algorithm_name=f"metaworld-scripted+noise ({kind})",
-                    code_permalink="https://github.com/llmdpd-pl/llmdpd-pl",
-                    author="llmdpd-pl",
-                    description=f"Meta-World v3 {task}: {kind} data from the scripted policy with noise "
-                    + "levels " + ", ".join(f"{n}={asdict(lv)}" for n, lv in levels.items()),
-                    data_format="hdf5",
-                )
-        finally:
-            if previous is None:
-                os.environ.pop("MINARI_DATASETS_PATH", None)
-            else:
-                os.environ["MINARI_DATASETS_PATH"] = previous
+        with minari_datasets_path(staging), warnings.catch_warnings():
+            # The project has no contact address beyond its code permalink, which is recorded.
+            warnings.filterwarnings("ignore", "`author_email` is set to None", UserWarning)
+            minari.create_dataset_from_buffers(
+                dataset_id=spec.dataset_id(task, kind),
+                buffer=[b for b in buffers],
+                env=env,
+                eval_env=env.spec,  # evaluation runs on the env that collected the data
+                algorithm_name=f"metaworld-scripted+noise ({kind})",
+                code_permalink="https://github.com/llmdpd-pl/llmdpd-pl",
+                author="llmdpd-pl",
+                description=f"Meta-World v3 {task}: {kind} data from the scripted policy with noise "
+                + "levels " + ", ".join(f"{n}={asdict(lv)}" for n, lv in levels.items()),
+                data_format="hdf5",
+            )
         built = staging / spec.dataset_id(task, kind)
         meta = {"task": task, "kind": kind, "recipe": spec.recipe(kind, task), "episodes": episodes,
                 "sha256": checksums(built)}  # fmt: skip

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from llmdpd_pl.data.batches import Transitions
-from llmdpd_pl.data.spec import read_metadata
+from llmdpd_pl.data.spec import minari_datasets_path, read_metadata
 from llmdpd_pl.errors import ConfigError
 
 
@@ -52,15 +52,8 @@ def open_by_id(dataset_id: str, root: str | Path) -> Any:
 
     for folder in minari_roots(root):
         if (folder / dataset_id / "data").is_dir():
-            previous = os.environ.get("MINARI_DATASETS_PATH")
-            os.environ["MINARI_DATASETS_PATH"] = str(folder)
-            try:
+            with minari_datasets_path(folder):
                 return minari.load_dataset(dataset_id)
-            finally:
-                if previous is None:
-                    os.environ.pop("MINARI_DATASETS_PATH")
-                else:
-                    os.environ["MINARI_DATASETS_PATH"] = previous
     searched = " or ".join(str(f) for f in minari_roots(root))
     raise ConfigError("data.dataset_id", f"no Minari dataset of this id under {searched}. With internet, "
                       f"`minari download {dataset_id}` fetches it (or set MINARI_DATASETS_PATH to a folder "

@@ -25,7 +25,15 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm.auto import tqdm
 
 from llmdpd_pl.data.collect import summarize
-from llmdpd_pl.data.spec import METADATA_FILE, SACRecipe, checksums, corruption, read_metadata, recipe_record
+from llmdpd_pl.data.spec import (
+    METADATA_FILE,
+    SACRecipe,
+    checksums,
+    corruption,
+    minari_datasets_path,
+    read_metadata,
+    recipe_record,
+)
 from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.locomotion import is_gym_env, make_locomotion, reference
 from llmdpd_pl.utils import PROGRESS_INTERVAL, derive_seed
@@ -133,35 +141,35 @@ def _publish(
     """Stage each ``(dataset_id, kind, level, episodes)`` with its sidecar, move them into place in order."""
     import minari
 
-    ref, previous = reference(env.spec.id), os.environ.get("MINARI_DATASETS_PATH")  # type: ignore[union-attr]
+    ref = reference(env.spec.id)  # type: ignore[union-attr]
     staging, rows = Path(tempfile.mkdtemp(prefix=".staging-", dir=root)), list[dict[str, Any]]()
-    os.environ["MINARI_DATASETS_PATH"] = str(staging)
     try:
-        for dataset_id, kind, level, episodes in datasets:
-            stats = [{"task": sidecar["task"], "level": level, "index": ep.id, "seed": ep.seed,
-                      "success": False, "return": float(np.sum(ep.rewards)), "length": len(ep.rewards),
-                      "terminated": bool(ep.terminations[-1])} for ep in episodes]
-            meta, rows = {**sidecar, "kind": kind, "episodes": stats}, summarize(stats, kind) + rows
-            minari.create_dataset_from_buffers(
-                dataset_id=dataset_id, buffer=episodes, env=env.spec, eval_env=env.spec,
-                algorithm_name=f"stable-baselines3 SAC, D4RL's medium-replay recipe: {meta['recipe']}",
-                author="llmdpd-pl", author_email="https://github.com/llmdpd-pl/llmdpd-pl/issues",
-                code_permalink="https://github.com/llmdpd-pl/llmdpd-pl", data_format="hdf5",
-                ref_min_score=ref.min_score if ref else None, ref_max_score=ref.max_score if ref else None,
-                description=f"{meta['task']}, {level}: {'replay buffer' if kind == 'train' else 'held out'}",
-            )
-            meta["sha256"] = checksums(staging / dataset_id)
-            (staging / dataset_id / METADATA_FILE).write_text(json.dumps(meta, indent=1))
-        for ns_file in staging.rglob("namespace_metadata.json"):  # Minari's namespaces, and their folders
-            if not (target := root / ns_file.relative_to(staging)).exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(ns_file, target)
-        for dataset_id, *_ in datasets:
-            if not (root / dataset_id).exists():  # moved by an earlier run cut before the last move
-                os.rename(staging / dataset_id, root / dataset_id)  # atomic on one filesystem
+        with minari_datasets_path(staging):
+            for dataset_id, kind, level, episodes in datasets:
+                stats = [{"task": sidecar["task"], "level": level, "index": ep.id, "seed": ep.seed,
+                          "success": False, "return": float(np.sum(ep.rewards)), "length": len(ep.rewards),
+                          "terminated": bool(ep.terminations[-1])} for ep in episodes]
+                meta, rows = {**sidecar, "kind": kind, "episodes": stats}, summarize(stats, kind) + rows
+                minari.create_dataset_from_buffers(
+                    dataset_id=dataset_id, buffer=episodes, env=env.spec, eval_env=env.spec,
+                    algorithm_name=f"stable-baselines3 SAC, D4RL's medium-replay recipe: {meta['recipe']}",
+                    author="llmdpd-pl", author_email="https://github.com/llmdpd-pl/llmdpd-pl/issues",
+                    code_permalink="https://github.com/llmdpd-pl/llmdpd-pl", data_format="hdf5",
+                    ref_min_score=ref.min_score if ref else None,
+                    ref_max_score=ref.max_score if ref else None,
+                    description=f"{meta['task']}, {level}: "
+                    + ("replay buffer" if kind == "train" else "held out"),
+                )
+                meta["sha256"] = checksums(staging / dataset_id)
+                (staging / dataset_id / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+            for ns_file in staging.rglob("namespace_metadata.json"):  # Minari's namespaces, and their folders
+                if not (target := root / ns_file.relative_to(staging)).exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(ns_file, target)
+            for dataset_id, *_ in datasets:
+                if not (root / dataset_id).exists():  # moved by an earlier run cut before the last move
+                    os.rename(staging / dataset_id, root / dataset_id)  # atomic on one filesystem
     finally:
-        os.environ.pop("MINARI_DATASETS_PATH")
-        os.environ.update({} if previous is None else {"MINARI_DATASETS_PATH": previous})
         shutil.rmtree(staging, ignore_errors=True)
     return rows
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -163,6 +166,18 @@ class DatasetSpec:
             return recipe_record(task, self.sac, self.seed, self.prompt_episodes)
         levels = {name: asdict(level) for name, level in self.levels_for(kind, task).items()}
         return {"seed": self.seed, "max_episode_steps": self.max_episode_steps, "levels": levels}
+
+
+@contextmanager
+def minari_datasets_path(folder: Path) -> Iterator[None]:
+    """Point Minari at ``folder`` (``MINARI_DATASETS_PATH``) inside the block, then restore the variable."""
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(folder)
+    try:
+        yield
+    finally:
+        os.environ.pop("MINARI_DATASETS_PATH")
+        os.environ.update({} if previous is None else {"MINARI_DATASETS_PATH": previous})
 
 
 def recipe_record(env_id: str, sac: SACRecipe, seed: int, prompt_episodes: int) -> dict[str, Any]:
