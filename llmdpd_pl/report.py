@@ -1,15 +1,19 @@
 """``llmdpd report``: results of ``llmdpd test`` across seeds and arms, in the paper's table format.
 
     llmdpd report --protocol P3 --arm both 'results/p3/both_seed*.json'
-        --arm none 'results/p3/none_seed*.json' [--baseline none] [--out results/p3/report]
+        --arm none 'results/p3/none_seed*.json' [--baseline none] [--select last|best] [--out DIR]
 
-Each ``--arm NAME GLOB`` is one arm (one results JSON per training seed). Per task the report gives each
-arm's success as mean ± std over seeds (as the paper reports) with the per-seed values, and each arm's
-difference from the ``--baseline`` arm with a 95% bootstrap interval at both levels of the experiment
-(the seeds of each arm; within each, the success rate's posterior given its episodes). A difference is
-"supported" only if its interval excludes zero and each arm has at least two seeds. Only the tasks that
-every results JSON holds are compared. Writes ``report.md``, ``report.json`` and ``report.png`` (the
-paper's Figure 2 style: success per task, one bar per arm, error bars = std over seeds).
+Each ``--arm NAME GLOB`` is one arm (one results JSON per training seed). The metric is the suite's:
+success % on Meta-World, D4RL's normalised score on locomotion. ``--select last`` reports the tested
+checkpoint (the results rows); ``--select best`` reports, per seed and task, the best evaluation made
+during fit (``meta.during_fit``), which is Diffusion-QL's online model selection and biased upwards.
+
+Per task the report gives each arm's metric as mean ± std over seeds (as the paper reports) with the
+per-seed values, and each arm's difference from the ``--baseline`` arm with a 95% bootstrap interval at
+both levels of the experiment (the seeds of each arm; within each, the seed's score given its episodes).
+A difference is "supported" only if its interval excludes zero and each arm has at least two seeds. Only
+the tasks that every results JSON holds are compared. Writes ``report.md``, ``report.json`` and
+``report.png`` (the paper's Figure 2 style: one bar per arm and task, error bars = std over seeds).
 """
 
 from __future__ import annotations
@@ -19,69 +23,124 @@ import glob
 import io
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from llmdpd_pl.errors import ConfigError
+from llmdpd_pl.locomotion import normalized_score
 from llmdpd_pl.utils import atomic_write
 
+Metric = Literal["success", "normalized_score"]
+LABEL: dict[Metric, str] = {"success": "success %", "normalized_score": "D4RL normalised score"}
+SELECT = {"last": "tested checkpoint (last)", "best": "best evaluation during fit (best)"}
+SCALE: dict[Metric, float] = {"success": 100.0, "normalized_score": 1.0}  # value → the table's unit
 
-def load_arm(pattern: str) -> Arm:
-    """seed label → task → (successes, episodes, split) of the agent, from the results JSONs matching
-    ``pattern``."""
+
+@dataclass(frozen=True)
+class Cell:
+    """One seed's result on one task: its value and the distribution the bootstrap draws it from.
+
+    Success (k of n episodes) is drawn from its Jeffreys posterior Beta(k + ½, n − k + ½), which keeps
+    the uncertainty of a seed that succeeded in none or all of its episodes. A normalised score (mean of
+    n episodes with std s) is drawn from Normal(mean, s / √n).
+    """
+
+    metric: Metric
+    value: float
+    a: float  # Beta α, or the Normal's mean
+    b: float  # Beta β, or the Normal's standard error
+
+    @classmethod
+    def success(cls, k: int, n: int) -> Cell:
+        return cls("success", k / n, k + 0.5, n - k + 0.5)
+
+    @classmethod
+    def score(cls, task: str, mean_return: float, return_std: float, n: int) -> Cell:
+        mean = float(normalized_score(task, mean_return))
+        std = float(normalized_score(task, mean_return + return_std)) - mean
+        return cls("normalized_score", mean, mean, std / np.sqrt(n))
+
+
+def cell(row: dict[str, Any]) -> Cell:
+    """The :class:`Cell` of one results row (a test row or an evaluation during fit)."""
+    if row.get("success_rate") is not None:
+        return Cell.success(round(row["success_rate"] * row["episodes"]), row["episodes"])
+    if row.get("normalized_score") is None:
+        raise ConfigError("--arm", "a row has neither a success rate nor a normalised score", row["task"])
+    return Cell.score(row["task"], row["mean_return"], row.get("return_std", 0.0), row["episodes"])
+
+
+Arm = dict[str, dict[str, tuple[Cell, str]]]
+"""seed label (the results JSON) → task → (cell, split)."""
+
+
+def load_arm(pattern: str, select: Literal["last", "best"] = "last") -> Arm:
+    """The agent's cells per seed and task, from the results JSONs matching ``pattern``: the test rows
+    (``last``) or, per task, the evaluation during fit with the highest value (``best``)."""
     paths = sorted(glob.glob(pattern))
     if not paths:
         raise ConfigError("--arm", "no results JSON matches this pattern", pattern)
-    arm = {}
+    arm: Arm = {}
     for path in paths:
-        rows = [r for r in json.loads(Path(path).read_text())["results"] if r["policy"] == "agent"]
-        arm[path] = {r["task"]: (round(r["success_rate"] * r["episodes"]), r["episodes"], r["split"])
-                     for r in rows}  # fmt: skip
+        data = json.loads(Path(path).read_text())
+        rows = [r for r in data["results"] if r["policy"] == "agent"]
+        if select == "best":
+            history = [r for r in data["meta"].get("during_fit") or [] if r["policy"] == "agent"]
+            if not history:
+                raise ConfigError("--select", f"'best' needs evaluations during fit; {path} has none", select)
+            tasks = dict.fromkeys(r["task"] for r in history)
+            rows = [max((r for r in history if r["task"] == t), key=lambda r: cell(r).value) for t in tasks]
+        arm[path] = {r["task"]: (cell(r), r["split"]) for r in rows}
     return arm
 
 
 def bootstrap_difference(
-    arm: Sequence[Sequence[tuple[int, int]]], base: Sequence[Sequence[tuple[int, int]]], n: int = 10_000,
-    seed: int = 0,
+    arm: Sequence[Sequence[Cell]], base: Sequence[Sequence[Cell]], n: int = 10_000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """Difference of mean success, arm − base, with a two-level 95% bootstrap interval.
+    """Difference of the mean value, arm − base, with a two-level 95% bootstrap interval.
 
-    Each arm is a list of seeds, each seed a list of (successes k, episodes n) over the tasks averaged.
-    Each replicate draws each arm's seeds with replacement, then each drawn seed's success rate on each
-    task from its Jeffreys posterior Beta(k + ½, n − k + ½), and takes the difference of the two arms'
-    mean rates. Unlike resampling episodes, the posterior keeps the uncertainty of a seed that succeeded
-    in none or all of its episodes. With one seed per arm the interval covers episodes only.
-    """  # fmt: skip
+    Each arm is a list of seeds, each seed a list of cells over the tasks averaged. Each replicate draws
+    each arm's seeds with replacement, then each drawn seed's value on each task from its cell's
+    distribution, and takes the difference of the two arms' means. With one seed per arm the interval
+    covers episodes only.
+    """
     rng = np.random.default_rng(seed)
 
-    def replicates(seeds: Sequence[Sequence[tuple[int, int]]]) -> np.ndarray:
-        k, e = np.array(seeds, dtype=float).transpose(2, 0, 1)  # (S, T) each
+    def replicates(seeds: Sequence[Sequence[Cell]]) -> np.ndarray:
+        a, b = (np.array([[getattr(c, f) for c in tasks] for tasks in seeds]) for f in "ab")  # (S, T)
         pick = rng.integers(len(seeds), size=(n, len(seeds)))  # (n, S) seeds drawn
-        return rng.beta(k[pick] + 0.5, e[pick] - k[pick] + 0.5).mean(axis=(1, 2))  # (n,)
+        draw = rng.beta if seeds[0][0].metric == "success" else rng.normal
+        return draw(a[pick], b[pick]).mean(axis=(1, 2))  # (n,)
 
-    def point(seeds: Sequence[Sequence[tuple[int, int]]]) -> float:
-        return float(np.mean([[k / e for k, e in tasks] for tasks in seeds]))
+    def point(seeds: Sequence[Sequence[Cell]]) -> float:
+        return float(np.mean([[c.value for c in tasks] for tasks in seeds]))
 
     low, high = np.percentile(replicates(arm) - replicates(base), [2.5, 97.5])
     return point(arm) - point(base), float(low), float(high)
 
 
-Arm = dict[str, dict[str, tuple[int, int, str]]]
-"""seed label → task → (successes, episodes, split)."""
+def metric_of(arms: dict[str, Arm]) -> Metric:
+    """The one metric of every cell of ``arms``."""
+    metrics = {c.metric for arm in arms.values() for seed in arm.values() for c, _ in seed.values()}
+    if len(metrics) != 1:
+        raise ConfigError("--arm", "the results must all be success rates or all normalised scores",
+                          sorted(metrics))  # fmt: skip
+    return metrics.pop()
 
 
-def _seeds(arm: Arm, tasks: Sequence[str]) -> list[list[tuple[int, int]]]:
-    """(successes, episodes) of ``tasks``, per seed that ran them all."""
-    return [[seed[t][:2] for t in tasks] for seed in arm.values() if all(t in seed for t in tasks)]
+def _seeds(arm: Arm, tasks: Sequence[str]) -> list[list[Cell]]:
+    """The cells of ``tasks``, per seed that ran them all."""
+    return [[seed[t][0] for t in tasks] for seed in arm.values() if all(t in seed for t in tasks)]
 
 
 def summarize(arms: dict[str, Arm], baseline: str | None) -> dict[str, Any]:
-    """Per task, and per split's mean over its tasks: each arm's per-seed success, mean and std over seeds,
+    """Per task, and per split's mean over its tasks: each arm's per-seed value, mean and std over seeds,
     and each arm's difference from ``baseline``. Only the tasks of every seed of every arm."""
     every = set.intersection(*(set(seed) for arm in arms.values() for seed in arm.values()))
-    splits = {t: r[2] for arm in arms.values() for seed in arm.values() for t, r in seed.items()
+    splits = {t: r[1] for arm in arms.values() for seed in arm.values() for t, r in seed.items()
               if t in every}  # fmt: skip
     groups = {t: [t] for t in splits}
     for split in dict.fromkeys(splits.values()):
@@ -91,9 +150,9 @@ def summarize(arms: dict[str, Arm], baseline: str | None) -> dict[str, Any]:
         seeds = {name: _seeds(arm, tasks) for name, arm in arms.items()}
         row: dict[str, Any] = {}
         for name in arms:
-            rates = [float(np.mean([k / e for k, e in s])) for s in seeds[name]]
-            std = float(np.std(rates, ddof=1)) if len(rates) > 1 else 0.0
-            row[name] = {"seeds": rates, "mean": float(np.mean(rates)), "std": std}
+            values = [float(np.mean([c.value for c in s])) for s in seeds[name]]
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            row[name] = {"seeds": values, "mean": float(np.mean(values)), "std": std}
         for name in [n for n in arms if baseline is not None and n != baseline]:
             base = seeds[str(baseline)]
             point, low, high = bootstrap_difference(seeds[name], base)
@@ -106,43 +165,44 @@ def summarize(arms: dict[str, Arm], baseline: str | None) -> dict[str, Any]:
     return table
 
 
-def markdown(table: dict[str, Any], arms: Sequence[str], protocol: str) -> str:
-    """The summary as a markdown table: success % mean ± std (per-seed values), then the differences."""
+def markdown(table: dict[str, Any], arms: Sequence[str], protocol: str, metric: Metric, select: str) -> str:
+    """The summary as a markdown table: the metric's mean ± std (per-seed values), then the differences."""
     diffs = sorted({k for row in table.values() for k in row if " - " in k})
-    head = ["task", *arms, *diffs]
-    lines = [f"**{protocol}** — success %, mean ± std over seeds (per-seed values); differences with 95% "
-             "bootstrap intervals over seeds and episodes", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]  # fmt: skip
+    head, scale = ["task", *arms, *diffs], SCALE[metric]
+    lines = [f"**{protocol}** — {LABEL[metric]} of the {SELECT[select]}, mean ± std over seeds (per-seed "
+             "values); differences with 95% bootstrap intervals over seeds and episodes", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for task, row in table.items():
         cells = [task]
         for name in arms:
             r = row[name]
-            seeds = ", ".join(f"{100 * v:.0f}" for v in r["seeds"])
-            cells.append(f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f} ({seeds})")
+            seeds = ", ".join(f"{scale * v:.0f}" for v in r["seeds"])
+            cells.append(f"{scale * r['mean']:.1f} ± {scale * r['std']:.1f} ({seeds})")
         for d in diffs:
             r = row[d]
-            low, high = r["ci95"]
-            cells.append(f"{100 * r['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] {r['verdict']}")
+            low, high = (scale * v for v in r["ci95"])
+            cells.append(f"{scale * r['difference']:+.1f} [{low:+.1f}, {high:+.1f}] {r['verdict']}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def bar_chart(table: dict[str, Any], arms: Sequence[str], protocol: str) -> bytes:
-    """Success per task, one bar per arm, error bars = std over seeds (the paper's Figure 2 style), as PNG."""
+def bar_chart(table: dict[str, Any], arms: Sequence[str], title: str, metric: Metric) -> bytes:
+    """The metric per task, one bar per arm, error bars = std over seeds (the paper's Figure 2 style)."""
     from matplotlib.figure import Figure  # no pyplot: no backend is chosen for the user
 
-    tasks, width = [t for t in table if not t.startswith("mean ")], 0.8 / len(arms)
+    tasks, width, scale = [t for t in table if not t.startswith("mean ")], 0.8 / len(arms), SCALE[metric]
     fig = Figure(figsize=(1.6 * len(tasks) + 2, 3.5))
     ax = fig.subplots()
     for i, name in enumerate(arms):
-        means = [100 * table[t][name]["mean"] for t in tasks]
-        stds = [100 * table[t][name]["std"] for t in tasks]
+        means = [scale * table[t][name]["mean"] for t in tasks]
+        stds = [scale * table[t][name]["std"] for t in tasks]
         ax.bar(np.arange(len(tasks)) + (i - (len(arms) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
                label=name)  # fmt: skip
     ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
-    ax.set_ylabel("success %")
-    ax.set_ylim(0, 105)
-    ax.set_title(protocol)
+    ax.set_ylabel(LABEL[metric])
+    if metric == "success":
+        ax.set_ylim(0, 105)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     png = io.BytesIO()
@@ -155,17 +215,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--arm", nargs=2, action="append", metavar=("NAME", "GLOB"), required=True)
     p.add_argument("--baseline", default=None, help="the arm every other arm is compared with")
+    p.add_argument("--select", choices=["last", "best"], default="last",
+                   help="the tested checkpoint (last), or the best evaluation during fit (best)")  # fmt: skip
     p.add_argument("--protocol", default="results", help="the protocol's label, in every table")
     p.add_argument("--out", type=Path, default=Path("report"), help="folder of report.{md,json,png}")
     args = p.parse_args(argv)
-    arms = {name: load_arm(pattern) for name, pattern in args.arm}
+    arms = {name: load_arm(pattern, args.select) for name, pattern in args.arm}
     if args.baseline is not None and args.baseline not in arms:
         p.error(f"--baseline {args.baseline!r} is not an --arm ({sorted(arms)})")
     table = summarize(arms, args.baseline)
-    text = markdown(table, list(arms), args.protocol)
-    data = {"protocol": args.protocol, "arms": {n: list(a) for n, a in arms.items()}, "tasks": table}
+    metric = metric_of(arms)
+    text = markdown(table, list(arms), args.protocol, metric, args.select)
+    data = {"protocol": args.protocol, "select": args.select, "metric": metric,
+            "arms": {n: list(a) for n, a in arms.items()}, "tasks": table}  # fmt: skip
     atomic_write(args.out / "report.json", json.dumps(data, indent=2).encode())
     atomic_write(args.out / "report.md", (text + "\n").encode())
-    atomic_write(args.out / "report.png", bar_chart(table, list(arms), args.protocol))
+    png = bar_chart(table, list(arms), f"{args.protocol} ({args.select})", metric)
+    atomic_write(args.out / "report.png", png)
     print(text)
     print(args.out / "report.md")

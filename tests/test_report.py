@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llmdpd_pl.cli import main
-from llmdpd_pl.report import bootstrap_difference, load_arm, summarize
+from llmdpd_pl.errors import ConfigError
+from llmdpd_pl.locomotion import REFERENCES
+from llmdpd_pl.report import Cell, bootstrap_difference, load_arm, metric_of, summarize
 
 EPISODES = 50
 
@@ -58,7 +61,7 @@ def test_one_seed_is_never_called_supported(tmp_path: Path) -> None:
 
 
 def test_bootstrap_is_seeded_and_keeps_uncertainty_at_zero_successes() -> None:
-    arm, base = [[(4, 50)]], [[(0, 50)]]
+    arm, base = [[Cell.success(4, 50)]], [[Cell.success(0, 50)]]
     first, again = bootstrap_difference(arm, base), bootstrap_difference(arm, base)
     assert first == again and first[0] == pytest.approx(0.08)
     _, low, high = bootstrap_difference(base, base)  # 0 of 50 on both sides: still an interval
@@ -72,7 +75,7 @@ def test_llmdpd_report_writes_markdown_json_and_png(
     main(["report", "--protocol", "P3", "--arm", "both", arms["both"], "--arm", "none", arms["none"],
           "--baseline", "none", "--out", str(out)])  # fmt: skip
     text = (out / "report.md").read_text()
-    assert text.startswith("**P3**")
+    assert text.startswith("**P3** — success % of the tested checkpoint (last)")
     assert "| reach | 90.0 ± 10.0 (90, 80, 100) | 10.0 ± 10.0 (20, 10, 0) | +80.0 [" in text
     assert json.loads((out / "report.json").read_text())["protocol"] == "P3"
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -96,3 +99,50 @@ def test_only_the_tasks_every_arm_ran_are_compared(tmp_path: Path) -> None:
     table = summarize({"a": a, "b": b}, baseline="b")
     assert list(table) == ["box-close", "mean unseen"]
     assert table["box-close"]["a - b"]["difference"] == pytest.approx(0.6)
+
+
+HOPPER = REFERENCES["hopper"]
+
+
+def _hopper_results(path: Path, returns: list[float], during_fit: list[float]) -> Path:
+    """A locomotion results JSON: the test's mean return over 10 episodes (std 100) and, per evaluation
+    during fit, its mean return."""
+
+    def row(mean: float) -> dict[str, object]:
+        return {"task": "Hopper-v5", "split": "seen", "policy": "agent", "episodes": 10, "success_rate": None,
+                "mean_return": mean, "return_std": 100.0, "normalized_score": 0.0}  # fmt: skip
+
+    history = [{"updates": 1000 * (i + 1), **row(r)} for i, r in enumerate(during_fit)]
+    path.write_text(json.dumps({"meta": {"during_fit": history}, "results": [row(r) for r in returns]}))
+    return path
+
+
+def test_locomotion_reports_the_normalised_score_last_and_best(tmp_path: Path) -> None:
+    for i, (last, fit) in enumerate([(1600.0, [900.0, 2000.0]), (HOPPER.max_score, [HOPPER.min_score])]):
+        _hopper_results(tmp_path / f"a_seed{i}.json", [last], fit)
+    pattern = str(tmp_path / "a_seed*.json")
+    last = summarize({"a": load_arm(pattern)}, None)["Hopper-v5"]["a"]
+    assert last["seeds"] == pytest.approx([49.78, 100.0], abs=0.01)  # D4RL's constants, not the JSON's 0.0
+    best = summarize({"a": load_arm(pattern, "best")}, None)["Hopper-v5"]["a"]
+    assert best["seeds"] == pytest.approx(
+        [100 * (2000 - HOPPER.min_score) / (HOPPER.max_score - HOPPER.min_score), 0.0]
+    )
+
+
+def test_score_cells_draw_around_their_mean_with_the_standard_error() -> None:
+    a = Cell.score("Hopper-v5", 1600.0, 300.0, 100)
+    assert a.b == pytest.approx(100 * 30.0 / (HOPPER.max_score - HOPPER.min_score))
+    b = Cell.score("Hopper-v5", 1500.0, 300.0, 100)
+    point, low, high = bootstrap_difference([[a]], [[b]])
+    se = a.b * np.sqrt(2)
+    assert point == pytest.approx(a.value - b.value) and low == pytest.approx(point - 1.96 * se, rel=0.05)
+    assert high == pytest.approx(point + 1.96 * se, rel=0.05)
+
+
+def test_best_without_evaluations_and_mixed_metrics_are_config_errors(tmp_path: Path) -> None:
+    no_history = _results(tmp_path / "meta.json", {"reach": 10})
+    with pytest.raises(ConfigError, match="--select"):
+        load_arm(str(no_history), "best")
+    hopper = _hopper_results(tmp_path / "hopper.json", [1600.0], [])
+    with pytest.raises(ConfigError, match="all be success rates or all normalised scores"):
+        metric_of({"a": load_arm(str(no_history)), "b": load_arm(str(hopper))})
