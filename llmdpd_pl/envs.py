@@ -30,18 +30,28 @@ ACT_DIM = 4
 MAX_EPISODE_STEPS = 500
 
 
-def check_task_names(names: Iterable[str], field: str) -> list[str]:
-    """Return ``names`` as a list, or raise a :class:`ConfigError` naming ``field`` and close matches."""
+def check_names(
+    names: Iterable[str], field: str, known: Callable[[str], bool], candidates: Sequence[str], unknown: str
+) -> list[str]:
+    """``names`` as a list, or a :class:`ConfigError` naming ``field``: for duplicates, or for the first
+    name not ``known``, with message ``unknown`` (a template of ``name`` and ``hint``, the close
+    ``candidates``)."""
     names = list(names)
     for name in names:
-        if name not in METAWORLD_TASKS:
-            close = difflib.get_close_matches(name, METAWORLD_TASKS, n=3, cutoff=0.5)
+        if not known(name):
+            close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(field, f"unknown Meta-World task {name!r}.{hint} Names are the v3 tasks "
-                              "without the '-v3' suffix, e.g. 'box-close'", names)  # fmt: skip
+            raise ConfigError(field, unknown.format(name=name, hint=hint), names)
     if len(set(names)) != len(names):
         raise ConfigError(field, "duplicate task names", names)
     return names
+
+
+def check_task_names(names: Iterable[str], field: str) -> list[str]:
+    """:func:`check_names` for Meta-World task names only."""
+    return check_names(names, field, METAWORLD_TASKS.__contains__, METAWORLD_TASKS,
+                       "unknown Meta-World task {name!r}.{hint} Names are the v3 tasks without the '-v3' "
+                       "suffix, e.g. 'box-close'")  # fmt: skip
 
 
 def make_metaworld(task: str, seed: int = 0, **kwargs: Any) -> gym.Env:
@@ -108,13 +118,20 @@ def layout_seed(seed: int, task: str) -> int:
     return derive_seed(seed, task, "eval")
 
 
+def vector_env(
+    fns: Sequence[Callable[[], gym.Env]], vectorization: Literal["sync", "async"]
+) -> gym.vector.VectorEnv:
+    """The envs made by ``fns`` as one vector env with SAME_STEP autoreset (``async``: a process each)."""
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if vectorization == "async":
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+
+
 def make_eval_envs(
     task: str, num_envs: int, seed: int, vectorization: Literal["sync", "async"] = "sync", **kwargs: Any
 ) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``task`` with the evaluation layout set, SAME_STEP autoreset."""
     env_seed = layout_seed(seed, task)
     fns = [lambda: LayoutReset(make_env(task, seed=env_seed, **kwargs)) for _ in range(num_envs)]
-    mode = gym.vector.AutoresetMode.SAME_STEP
-    if vectorization == "async":
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
-    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+    return vector_env(fns, vectorization)

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from functools import cache
 from typing import Any, Literal
@@ -32,20 +31,10 @@ def suite_of(task: str) -> Suite:
 
 def check_tasks(names: Iterable[str], field: str) -> list[str]:
     """``names`` as a list, or a :class:`ConfigError` naming ``field``, the name and close matches."""
-    names = list(names)
-    for name in names:
-        try:
-            suite_of(name)
-        except ValueError:
-            known = list(envs.METAWORLD_TASKS) + [k for k in gym.registry if k.endswith("-v5")]
-            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(field, f"unknown task {name!r}.{hint} A task is a Meta-World v3 name "
-                              "without '-v3' (e.g. 'box-close') or a Gymnasium env id (e.g. 'Hopper-v5')",
-                              names) from None  # fmt: skip
-    if len(set(names)) != len(names):
-        raise ConfigError(field, "duplicate task names", names)
-    return names
+    known = list(envs.METAWORLD_TASKS) + [k for k in gym.registry if k.endswith("-v5")]
+    return envs.check_names(names, field, lambda t: t in envs.METAWORLD_TASKS or is_gym_env(t), known,
+                            "unknown task {name!r}.{hint} A task is a Meta-World v3 name without '-v3' "
+                            "(e.g. 'box-close') or a Gymnasium env id (e.g. 'Hopper-v5')")  # fmt: skip
 
 
 def make_env(task: str, seed: int = 0, **kwargs: Any) -> gym.Env:
@@ -94,8 +83,4 @@ def make_eval_envs(
     """``num_envs`` evaluation envs of ``task``, SAME_STEP autoreset; episode ``i`` is ``reset(seed=i)``."""
     if suite_of(task) == "metaworld":
         return envs.make_eval_envs(task, num_envs, seed, vectorization)
-    fns = [lambda: make_locomotion(task, seed=seed) for _ in range(num_envs)]
-    mode = gym.vector.AutoresetMode.SAME_STEP
-    if vectorization == "async":
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
-    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+    return envs.vector_env([lambda: make_locomotion(task, seed=seed) for _ in range(num_envs)], vectorization)

@@ -48,12 +48,14 @@ class QualityLevel:
         within(f"{key}.random_prob", self.random_prob, 0, 1)
 
 
-def default_levels() -> dict[str, QualityLevel]:
-    """Mixed quality, so that Q-learning has something to improve on over behaviour cloning."""
+def default_levels() -> dict[str, Any]:
+    """Mixed quality, so that Q-learning has something to improve on over behaviour cloning. Written as a
+    config writes them, so that jsonargparse can dump the default (not a QualityLevel inside a dict);
+    :class:`DatasetSpec` makes them QualityLevels."""
     return {
-        "expert": QualityLevel(episodes=50, noise_std=0.1),
-        "medium": QualityLevel(episodes=50, noise_std=0.5, random_prob=0.3),
-        "random": QualityLevel(episodes=25, random_prob=1.0),
+        "expert": {"episodes": 50, "noise_std": 0.1},
+        "medium": {"episodes": 50, "noise_std": 0.5, "random_prob": 0.3},
+        "random": {"episodes": 25, "random_prob": 1.0},
     }
 
 
@@ -131,6 +133,8 @@ class DatasetSpec:
     sac: SACRecipe = field(default_factory=SACRecipe)
 
     def __post_init__(self) -> None:
+        levels = {k: QualityLevel(**v) if isinstance(v, dict) else v for k, v in self.levels.items()}
+        object.__setattr__(self, "levels", levels)
         at_least("data.dataset.version", self.version, 0)
         at_least("data.dataset.prompt_episodes", self.prompt_episodes, 1)
         within("data.dataset.max_episode_steps", self.max_episode_steps, 1, 500)
