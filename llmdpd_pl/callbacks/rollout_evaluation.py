@@ -183,7 +183,8 @@ class RolloutEvaluation(L.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         ids = shard(episodes, rank, world)
         total = len(ids) * sum(self.max_steps or episode_steps(t) for t, _ in tasks) * len(policies)
-        bar = tqdm(total=total, desc="eval", unit="step", disable=rank != 0, leave=False,
+        quiet = rank != 0 or trainer.progress_bar_callback is None  # the trainer's progress bar setting
+        bar = tqdm(total=total, desc="eval", unit="step", disable=quiet, leave=False,
                    mininterval=PROGRESS_INTERVAL)  # fmt: skip
         local = []
         for robin in policies.values():

@@ -221,7 +221,8 @@ def test_llmdpd_test_end_to_end(
           "--expert", "true", "--output", str(output), "--trainer.enable_progress_bar", "false",
           "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
           "--videos", "0"])  # the config records 1 a task
-    stdout = capsys.readouterr().out
+    stdout, stderr = capsys.readouterr()
+    assert "eval:" not in stderr  # no progress bar when the trainer has none
 
     expected = {(t, "seen", p) for t in SEEN for p in ("agent", "expert")}
     expected |= {(t, "unseen", p) for t in UNSEEN for p in ("agent", "expert")}
