@@ -181,14 +181,14 @@ def summarize(episodes: Sequence[Mapping[str, Any]], kind: str) -> list[dict[str
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The summary rows as a table; success is "-" on locomotion tasks, which have no success."""
-    header = (
-        f"{'task':<20}{'kind':<9}{'level':<15}{'episodes':>9}{'transitions':>12}{'success':>9}{'return':>10}"
-    )
+    w = max([20, *(len(r["task"]) + 2 for r in rows)])  # the task column fits the longest name
+    header = f"{'task':<{w}}{'kind':<9}{'level':<15}{'episodes':>9}{'transitions':>12}{'success':>9}"
+    header += f"{'return':>10}"
     lines = [header, "-" * len(header)]
     for r in rows:
         success = "-" if is_gym_env(r["task"]) else f"{100 * r['success_rate']:.1f}%"
         lines.append(
-            f"{r['task']:<20}{r['kind']:<9}{r['level']:<15}{r['episodes']:>9}{r['transitions']:>12}"
+            f"{r['task']:<{w}}{r['kind']:<9}{r['level']:<15}{r['episodes']:>9}{r['transitions']:>12}"
             f"{success:>9}{r['mean_return']:>10.1f}"
         )
     return "\n".join(lines)

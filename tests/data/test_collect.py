@@ -147,6 +147,8 @@ def test_format_table_shows_success_as_percent() -> None:
     lines = format_table(rows).splitlines()
     assert "success" in lines[0] and "return" in lines[0]
     assert lines[2].split() == ["reach", "train", "expert", "2", "12", "50.0%", "12.2"]
+    long = format_table([{**rows[0], "task": "button-press-topdown-wall"}]).splitlines()[2]
+    assert long.split()[:2] == ["button-press-topdown-wall", "train"]  # the column fits the longest name
 
 
 def test_collect_table_lists_every_dataset(collected: Collected) -> None:
