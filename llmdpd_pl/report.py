@@ -151,7 +151,7 @@ def summarize(arms: dict[str, Arm], baseline: str | None) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for name in arms:
             values = [float(np.mean([c.value for c in s])) for s in seeds[name]]
-            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: no spread
             row[name] = {"seeds": values, "mean": float(np.mean(values)), "std": std}
         for name in [n for n in arms if baseline is not None and n != baseline]:
             base = seeds[str(baseline)]
@@ -166,7 +166,8 @@ def summarize(arms: dict[str, Arm], baseline: str | None) -> dict[str, Any]:
 
 
 def markdown(table: dict[str, Any], arms: Sequence[str], protocol: str, metric: Metric, select: str) -> str:
-    """The summary as a markdown table: the metric's mean ± std (per-seed values), then the differences."""
+    """The summary as a markdown table: the metric's mean ± std (per-seed values), or its one seed's value
+    marked "(1 seed)", then the differences."""
     diffs = sorted({k for row in table.values() for k in row if " - " in k})
     head, scale = ["task", *arms, *diffs], SCALE[metric]
     lines = [f"**{protocol}** — {LABEL[metric]} of the {SELECT[select]}, mean ± std over seeds (per-seed "
@@ -177,7 +178,8 @@ def markdown(table: dict[str, Any], arms: Sequence[str], protocol: str, metric: 
         for name in arms:
             r = row[name]
             seeds = ", ".join(f"{scale * v:.0f}" for v in r["seeds"])
-            cells.append(f"{scale * r['mean']:.1f} ± {scale * r['std']:.1f} ({seeds})")
+            spread = "(1 seed)" if r["std"] is None else f"± {scale * r['std']:.1f} ({seeds})"
+            cells.append(f"{scale * r['mean']:.1f} {spread}")
         for d in diffs:
             r = row[d]
             low, high = (scale * v for v in r["ci95"])
@@ -195,7 +197,7 @@ def bar_chart(table: dict[str, Any], arms: Sequence[str], title: str, metric: Me
     ax = fig.subplots()
     for i, name in enumerate(arms):
         means = [scale * table[t][name]["mean"] for t in tasks]
-        stds = [scale * table[t][name]["std"] for t in tasks]
+        stds = [scale * (table[t][name]["std"] or 0.0) for t in tasks]
         ax.bar(np.arange(len(tasks)) + (i - (len(arms) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
                label=name)  # fmt: skip
     ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")

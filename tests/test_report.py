@@ -11,7 +11,7 @@ import pytest
 from llmdpd_pl.cli import main
 from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.locomotion import REFERENCES
-from llmdpd_pl.report import Cell, bootstrap_difference, load_arm, metric_of, summarize
+from llmdpd_pl.report import Cell, bootstrap_difference, load_arm, markdown, metric_of, summarize
 
 EPISODES = 50
 
@@ -56,8 +56,12 @@ def test_summary_per_seed_mean_std_and_verdicts(arms: dict[str, str]) -> None:
 def test_one_seed_is_never_called_supported(tmp_path: Path) -> None:
     a = load_arm(str(_results(tmp_path / "a.json", {"reach": 50})))
     b = load_arm(str(_results(tmp_path / "b.json", {"reach": 0})))
-    diff = summarize({"a": a, "b": b}, baseline="b")["reach"]["a - b"]
+    table = summarize({"a": a, "b": b}, baseline="b")
+    diff = table["reach"]["a - b"]
     assert diff["ci95"][0] > 0.9 and diff["verdict"] == "episodes only (1 seed)"
+    assert table["reach"]["a"]["std"] is None  # no spread to report, rather than a std of 0
+    text = markdown(table, ["a", "b"], "P", "success", "last")
+    assert "| reach | 100.0 (1 seed) | 0.0 (1 seed) | +100.0 [" in text
 
 
 def test_bootstrap_is_seeded_and_keeps_uncertainty_at_zero_successes() -> None:
