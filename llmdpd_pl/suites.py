@@ -20,19 +20,24 @@ from llmdpd_pl.locomotion import is_gym_env, make_locomotion
 Suite = Literal["metaworld", "locomotion"]
 
 
-def suite_of(task: str) -> Suite:
-    """``metaworld`` for a Meta-World task name, ``locomotion`` for a Gymnasium id; ``ValueError`` else."""
+def _suite(task: str) -> Suite | None:
+    """``metaworld`` for a Meta-World task name, ``locomotion`` for a Gymnasium id, None else."""
     if task in envs.METAWORLD_TASKS:
         return "metaworld"
-    if is_gym_env(task):
-        return "locomotion"
-    raise ValueError(f"unknown task {task!r}")
+    return "locomotion" if is_gym_env(task) else None
+
+
+def suite_of(task: str) -> Suite:
+    """The suite of ``task`` (see :func:`_suite`); ``ValueError`` for an unknown task."""
+    if (suite := _suite(task)) is None:
+        raise ValueError(f"unknown task {task!r}")
+    return suite
 
 
 def check_tasks(names: Iterable[str], field: str) -> list[str]:
     """``names`` as a list, or a :class:`ConfigError` naming ``field``, the name and close matches."""
     known = list(envs.METAWORLD_TASKS) + [k for k in gym.registry if k.endswith("-v5")]
-    return envs.check_names(names, field, lambda t: t in envs.METAWORLD_TASKS or is_gym_env(t), known,
+    return envs.check_names(names, field, lambda t: _suite(t) is not None, known,
                             "unknown task {name!r}.{hint} A task is a Meta-World v3 name without '-v3' "
                             "(e.g. 'box-close') or a Gymnasium env id (e.g. 'Hopper-v5')")  # fmt: skip
 
