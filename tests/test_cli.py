@@ -156,9 +156,11 @@ def test_bad_config_value_names_the_field(
 
 
 # ----------------------------------------------------------------------------- the shipped configs
-# Every config under configs/, but the prompt overlays (a second --config, tested below).
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "prompts")
+# Every config under configs/, but the overlays (a second --config, tested below).
+OVERLAYS = ("prompts", "levers")
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name not in OVERLAYS)
 PARAPHRASES = REPO / "configs" / "prompts" / "paraphrases.yaml"
+SEGMENTS = REPO / "configs" / "levers" / "prompt_segments.yaml"
 
 
 def _instantiate(*configs: Path) -> LLMDPDCLI:
@@ -203,6 +205,15 @@ def test_paraphrases_overlay_replaces_the_text_prompts(tmp_path: Path,
     for task, prompt in paraphrases.items():
         text = overlaid.prompt_texts()[task]
         assert text != plain[task] and all(v in text for v in prompt.values()), task
+
+
+def test_prompt_segments_overlay_sets_the_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    base = CONFIGS[[c.name for c in CONFIGS].index("p3_low_quality_targets.yaml")]
+    cli = _instantiate(base, SEGMENTS)
+    for key, value in yaml.safe_load(SEGMENTS.read_text())["data"].items():
+        assert getattr(cli.datamodule, key) == value, key
+    assert cli.model.hparams.traj_prompt_len == 20 and cli.model.hparams.train_prompt == "random"
 
 
 @pytest.mark.slow

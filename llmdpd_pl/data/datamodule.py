@@ -51,6 +51,10 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         traj_prompt_len: L, time steps of the trajectory prompt.
         traj_prompt_stride: Take every ``stride``-th step of the prompt episode, so that L × stride
             steps of the episode are covered (25 × 20 = a whole 500-step episode).
+        traj_prompt_windows: Cut each prompt episode into this many consecutive windows of L × stride
+            steps, each one trajectory prompt (``model.train_prompt: random`` draws one per task and
+            update). 1 keeps the first window. MTDiff's random 20-step segments are about L = 20,
+            stride 1 and 25 windows of a 500-step episode.
         reward_scale: Rewards are multiplied by this.
         normalize_obs: Provide per-dimension mean/std of the seen-task states (the module applies them);
             if False the statistics are 0 and 1.
@@ -73,6 +77,7 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         steps_per_epoch: int = 1000,
         traj_prompt_len: int = 25,
         traj_prompt_stride: int = 20,
+        traj_prompt_windows: int = 1,
         reward_scale: float = 1.0,
         normalize_obs: bool = True,
         task_sampling: Literal["balanced", "proportional"] = "balanced",
@@ -95,6 +100,7 @@ class PromptedOfflineDataModule(L.LightningDataModule):
             "steps_per_epoch": steps_per_epoch,
             "traj_prompt_len": traj_prompt_len,
             "traj_prompt_stride": traj_prompt_stride,
+            "traj_prompt_windows": traj_prompt_windows,
         }.items():
             at_least(f"data.{name}", value, 1)
         if not np.isfinite(reward_scale) or reward_scale <= 0:
@@ -112,6 +118,7 @@ class PromptedOfflineDataModule(L.LightningDataModule):
             raise ConfigError("data.prompts", "no text prompt for these tasks", missing)
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.traj_prompt_len, self.traj_prompt_stride = traj_prompt_len, traj_prompt_stride
+        self.traj_prompt_windows = traj_prompt_windows
         self.reward_scale, self.normalize_obs = reward_scale, normalize_obs
         self.task_sampling, self.seed = task_sampling, seed
         self.embed_stats: EmbedStats | None = None
@@ -232,5 +239,5 @@ class PromptedOfflineDataModule(L.LightningDataModule):
             path = self.dataset.path(task, "prompts")
             what = f"prompts dataset of {task!r} at {path}"
             eps = episodes(open_collected(path), what)
-        L, stride = self.traj_prompt_len, self.traj_prompt_stride
-        return prompt_trajectories(eps, what, L, stride, self.obs_dim, self.act_dim)
+        L, stride, windows = self.traj_prompt_len, self.traj_prompt_stride, self.traj_prompt_windows
+        return prompt_trajectories(eps, what, L, stride, self.obs_dim, self.act_dim, windows)

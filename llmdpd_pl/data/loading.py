@@ -113,21 +113,31 @@ def to_transitions(
 
 
 def prompt_trajectories(
-    eps: Iterable[Any], what: str, length: int, stride: int, obs_dim: int, act_dim: int
+    eps: Iterable[Any], what: str, length: int, stride: int, obs_dim: int, act_dim: int, windows: int = 1
 ) -> tuple[Tensor, Tensor]:
-    """(P, L, S) states and (P, L, A) actions: every ``stride``-th step, the last repeated if short."""
+    """(P, L, S) states and (P, L, A) actions, P = episodes × ``windows``, episode-major.
+
+    Window w of an episode is its steps ``w·L·stride + k·stride`` for k < L, the last step repeated past
+    the end; ``windows = 1`` keeps the first (the whole episode when L × stride covers it).
+    """
     obs, act = [], []
+    span = length * stride
     for ep in eps:
         o, a = np.asarray(ep.observations)[:-1], np.asarray(ep.actions)
         if o.shape[-1] != obs_dim or a.shape[-1] != act_dim:
             raise ConfigError("data.seen_tasks", f"{what}: observations {o.shape} / actions {a.shape}; "
                               f"expected (T, {obs_dim}) / (T, {act_dim}), the widths of the tasks' envs",
                               what)  # fmt: skip
+        if (windows - 1) * span >= len(a):
+            raise ConfigError("data.traj_prompt_windows", f"{what} has a {len(a)}-step episode, room for "
+                              f"{-(-len(a) // span)} windows of {length} steps every {stride}",
+                              windows)  # fmt: skip
         check_finite(o, f"{what}, observations")
         check_finite(a, f"{what}, actions")
-        idx = np.minimum(np.arange(length) * stride, len(a) - 1)
-        obs.append(torch.from_numpy(o[idx]).float())
-        act.append(torch.from_numpy(a[idx]).float())
+        for w in range(windows):
+            idx = np.minimum(w * span + np.arange(length) * stride, len(a) - 1)
+            obs.append(torch.from_numpy(o[idx]).float())
+            act.append(torch.from_numpy(a[idx]).float())
     if not obs:
         raise ValueError(f"{what} has no episodes")
     return torch.stack(obs), torch.stack(act)

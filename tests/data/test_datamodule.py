@@ -209,6 +209,33 @@ def test_task_prompts_hold_the_right_data(prepared: Prepared, collected: Collect
     assert not torch.allclose(tp.text_embedding[0], tp.text_embedding[1])
 
 
+def test_prompt_windows_cut_each_episode_into_consecutive_prompts(
+    prepared: Prepared, collected: Collected
+) -> None:
+    # 4 steps every 5 cover 20 of the 60: windows at steps 0-15, 20-35 and 40-55, episode-major.
+    dm = make_dm(collected.spec, prepared.cache_dir, traj_prompt_len=4, traj_prompt_stride=5,
+                 traj_prompt_windows=3)  # fmt: skip
+    dm.setup()
+    tp = dm.task_prompts
+    assert tp.traj_obs.shape == (3, 2 * 3, 4, OBS_DIM) and tp.traj_act.shape == (3, 2 * 3, 4, ACT_DIM)
+    for t, task in enumerate(tp.names):
+        for e, ep in enumerate(_episodes(collected.spec, task, "prompts")):
+            for w in range(3):
+                steps = [20 * w + 5 * k for k in range(4)]
+                torch.testing.assert_close(tp.traj_obs[t, 3 * e + w],
+                                           torch.from_numpy(ep.observations[steps]).float(), rtol=0, atol=0)
+                torch.testing.assert_close(tp.traj_act[t, 3 * e + w], torch.from_numpy(ep.actions[steps]),
+                                           rtol=0, atol=0)  # fmt: skip
+
+
+def test_a_window_past_the_episode_is_refused(prepared: Prepared, collected: Collected) -> None:
+    dm = make_dm(collected.spec, prepared.cache_dir, traj_prompt_len=4, traj_prompt_stride=5,
+                 traj_prompt_windows=4)  # fmt: skip
+    room = r"data\.traj_prompt_windows: .* a 60-step episode, room for 3 windows of 4 steps every 5 \(got 4\)"
+    with pytest.raises(ValueError, match=room):
+        dm.setup()
+
+
 # -------------------------------------------------------------------------------------------- batch counting
 def test_transfer_hook_counts_only_training_batches(prepared: Prepared, first_batch: Batch) -> None:
     before = prepared.dm.stream.consumed
@@ -303,6 +330,7 @@ def test_no_seen_task_is_refused(collected: Collected, tmp_path: Path) -> None:
         ({"steps_per_epoch": 0}, "data.steps_per_epoch"),
         ({"traj_prompt_len": 0}, "data.traj_prompt_len"),
         ({"traj_prompt_stride": -1}, "data.traj_prompt_stride"),
+        ({"traj_prompt_windows": 0}, "data.traj_prompt_windows"),
         ({"reward_scale": 0.0}, "data.reward_scale"),
         ({"reward_scale": -1.0}, "data.reward_scale"),
         ({"reward_scale": float("nan")}, "data.reward_scale"),
