@@ -163,6 +163,11 @@ PARAPHRASES = REPO / "configs" / "prompts" / "paraphrases.yaml"
 SEGMENTS = REPO / "configs" / "levers" / "prompt_segments.yaml"
 
 
+def _shipped(name: str) -> Path:
+    """The shipped config called ``name``, wherever it lies under configs/."""
+    return CONFIGS[[c.name for c in CONFIGS].index(name)]
+
+
 def _instantiate(*configs: Path) -> LLMDPDCLI:
     """Parse the configs and instantiate the trainer, model and datamodule, running nothing."""
     args = [a for c in configs for a in ("--config", str(c))]
@@ -198,7 +203,7 @@ def test_shipped_config_builds_its_model_and_data(config: Path, tmp_path: Path,
 def test_paraphrases_overlay_replaces_the_text_prompts(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    base = CONFIGS[[c.name for c in CONFIGS].index("metaworld_cpu.yaml")]
+    base = _shipped("metaworld_cpu.yaml")
     paraphrases = yaml.safe_load(PARAPHRASES.read_text())["data"]["prompts"]
     plain, overlaid = _instantiate(base).datamodule.prompt_texts(), _instantiate(base, PARAPHRASES).datamodule
     assert set(paraphrases) == set(overlaid.task_names)  # a rewording for each of the config's tasks
@@ -209,7 +214,7 @@ def test_paraphrases_overlay_replaces_the_text_prompts(tmp_path: Path,
 
 def test_prompt_segments_overlay_sets_the_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    base = CONFIGS[[c.name for c in CONFIGS].index("p3_low_quality_targets.yaml")]
+    base = _shipped("p3_low_quality_targets.yaml")
     cli = _instantiate(base, SEGMENTS)
     for key, value in yaml.safe_load(SEGMENTS.read_text())["data"].items():
         assert getattr(cli.datamodule, key) == value, key
