@@ -11,6 +11,9 @@ during fit (``meta.during_fit``), which is Diffusion-QL's online model selection
 Per task the report gives each arm's metric as mean ± std over seeds (as the paper reports) with the
 per-seed values, and each arm's difference from the ``--baseline`` arm with a 95% bootstrap interval at
 both levels of the experiment (the seeds of each arm; within each, the seed's score given its episodes).
+``--paired`` is for arms that test the same checkpoints differently (e.g. paraphrased prompts): the i-th
+results JSON of each arm (in glob order) must name the same checkpoint, and each replicate draws the same
+seeds for both arms, so that the spread between seeds cancels in the difference.
 A difference is "supported" only if its interval excludes zero and each arm has at least two seeds. Only
 the tasks that every results JSON holds are compared. Writes ``report.md``, ``report.json`` and
 ``report.png`` (the paper's Figure 2 style: one bar per arm and task, error bars = std over seeds).
@@ -98,20 +101,27 @@ def load_arm(pattern: str, select: Literal["last", "best"] = "last") -> Arm:
 
 
 def bootstrap_difference(
-    arm: Sequence[Sequence[Cell]], base: Sequence[Sequence[Cell]], n: int = 10_000, seed: int = 0
+    arm: Sequence[Sequence[Cell]],
+    base: Sequence[Sequence[Cell]],
+    n: int = 10_000,
+    seed: int = 0,
+    paired: bool = False,
 ) -> tuple[float, float, float]:
     """Difference of the mean value, arm − base, with a two-level 95% bootstrap interval.
 
     Each arm is a list of seeds, each seed a list of cells over the tasks averaged. Each replicate draws
-    each arm's seeds with replacement, then each drawn seed's value on each task from its cell's
-    distribution, and takes the difference of the two arms' means. With one seed per arm the interval
-    covers episodes only.
+    each arm's seeds with replacement (``paired``: the same draw for both arms, whose i-th seeds are one
+    checkpoint), then each drawn seed's value on each task from its cell's distribution, and takes the
+    difference of the two arms' means. With one seed per arm the interval covers episodes only.
     """
+    if paired and len(arm) != len(base):
+        raise ValueError(f"a paired difference needs as many seeds per arm, not {len(arm)} and {len(base)}")
     rng = np.random.default_rng(seed)
+    shared = rng.integers(len(base), size=(n, len(base))) if paired else None  # (n, S) for both arms
 
     def replicates(seeds: Sequence[Sequence[Cell]]) -> np.ndarray:
         a, b = (np.array([[getattr(c, f) for c in tasks] for tasks in seeds]) for f in "ab")  # (S, T)
-        pick = rng.integers(len(seeds), size=(n, len(seeds)))  # (n, S) seeds drawn
+        pick = rng.integers(len(seeds), size=(n, len(seeds))) if shared is None else shared  # (n, S) drawn
         draw = rng.beta if seeds[0][0].metric == "success" else rng.normal
         return draw(a[pick], b[pick]).mean(axis=(1, 2))  # (n,)
 
@@ -136,9 +146,10 @@ def _seeds(arm: Arm, tasks: Sequence[str]) -> list[list[Cell]]:
     return [[seed[t][0] for t in tasks] for seed in arm.values() if all(t in seed for t in tasks)]
 
 
-def summarize(arms: dict[str, Arm], baseline: str | None) -> dict[str, Any]:
+def summarize(arms: dict[str, Arm], baseline: str | None, paired: bool = False) -> dict[str, Any]:
     """Per task, and per split's mean over its tasks: each arm's per-seed value, mean and std over seeds,
-    and each arm's difference from ``baseline``. Only the tasks of every seed of every arm."""
+    and each arm's difference from ``baseline`` (``paired``: seed by seed). Only the tasks of every seed
+    of every arm."""
     every = set.intersection(*(set(seed) for arm in arms.values() for seed in arm.values()))
     splits = {t: r[1] for arm in arms.values() for seed in arm.values() for t, r in seed.items()
               if t in every}  # fmt: skip
@@ -155,7 +166,7 @@ def summarize(arms: dict[str, Arm], baseline: str | None) -> dict[str, Any]:
             row[name] = {"seeds": values, "mean": float(np.mean(values)), "std": std}
         for name in [n for n in arms if baseline is not None and n != baseline]:
             base = seeds[str(baseline)]
-            point, low, high = bootstrap_difference(seeds[name], base)
+            point, low, high = bootstrap_difference(seeds[name], base, paired=paired)
             if not (low > 0 or high < 0):
                 verdict = "not supported"
             else:  # with one seed per arm, the interval says nothing of the seeds' spread
@@ -221,11 +232,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="the tested checkpoint (last), or the best evaluation during fit (best)")  # fmt: skip
     p.add_argument("--protocol", default="results", help="the protocol's label, in every table")
     p.add_argument("--out", type=Path, default=Path("report"), help="folder of report.{md,json,png}")
+    p.add_argument("--paired", action="store_true",
+                   help="the arms test the same checkpoints: compare them seed by seed")  # fmt: skip
     args = p.parse_args(argv)
     arms = {name: load_arm(pattern, args.select) for name, pattern in args.arm}
     if args.baseline is not None and args.baseline not in arms:
         p.error(f"--baseline {args.baseline!r} is not an --arm ({sorted(arms)})")
-    table = summarize(arms, args.baseline)
+    if args.paired:
+        checkpoints = {name: [json.loads(Path(f).read_text())["meta"].get("ckpt_path") for f in arm]
+                       for name, arm in arms.items()}  # fmt: skip
+        if len({tuple(c) for c in checkpoints.values()}) > 1:
+            p.error(f"--paired needs the same checkpoints in every arm, in glob order; got {checkpoints}")
+    table = summarize(arms, args.baseline, args.paired)
     metric = metric_of(arms)
     text = markdown(table, list(arms), args.protocol, metric, args.select)
     data = {"protocol": args.protocol, "select": args.select, "metric": metric,

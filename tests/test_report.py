@@ -16,7 +16,7 @@ from llmdpd_pl.report import Cell, bootstrap_difference, load_arm, markdown, met
 EPISODES = 50
 
 
-def _results(path: Path, successes: dict[str, int]) -> Path:
+def _results(path: Path, successes: dict[str, int], meta: dict[str, str] | None = None) -> Path:
     """A results JSON as ``llmdpd test`` writes it: agent and expert rows, reach seen and box-close unseen."""
     rows = []
     for task, k in successes.items():
@@ -24,7 +24,7 @@ def _results(path: Path, successes: dict[str, int]) -> Path:
         for policy, won in (("agent", k), ("expert", EPISODES)):
             rows.append({"task": task, "split": split, "policy": policy, "episodes": EPISODES,
                          "success_rate": won / EPISODES})  # fmt: skip
-    path.write_text(json.dumps({"meta": {}, "results": rows}))
+    path.write_text(json.dumps({"meta": meta or {}, "results": rows}))
     return path
 
 
@@ -70,6 +70,40 @@ def test_bootstrap_is_seeded_and_keeps_uncertainty_at_zero_successes() -> None:
     assert first == again and first[0] == pytest.approx(0.08)
     _, low, high = bootstrap_difference(base, base)  # 0 of 50 on both sides: still an interval
     assert low < 0 < high
+
+
+def test_paired_bootstrap_cancels_the_spread_between_seeds() -> None:
+    """The same three checkpoints, each 10 of 50 episodes better in one arm: seed by seed the gain is
+    clear; drawn independently, the seeds' spread (0 to 40 of 50) hides it."""
+    base = [[Cell.success(k, 50)] for k in (0, 20, 30)]
+    arm = [[Cell.success(k + 10, 50)] for k in (0, 20, 30)]
+    point, low, high = bootstrap_difference(arm, base, paired=True)
+    assert point == pytest.approx(0.2) and 0 < low < 0.2 < high
+    _, low, high = bootstrap_difference(arm, base)
+    assert low < 0 < high
+    with pytest.raises(ValueError, match="as many seeds"):
+        bootstrap_difference(arm[:2], base, paired=True)
+
+
+def test_llmdpd_report_pairs_only_the_same_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i, (ckpt, k) in enumerate([("s0.ckpt", 0), ("s1.ckpt", 35)]):  # b: 0 and 35 of 50; a: 10 more each
+        _results(tmp_path / f"a_seed{i}.json", {"reach": k + 10}, {"ckpt_path": ckpt})
+        _results(tmp_path / f"b_seed{i}.json", {"reach": k}, {"ckpt_path": ckpt})
+        _results(tmp_path / f"c_seed{i}.json", {"reach": k}, {"ckpt_path": f"other{i}.ckpt"})
+    verdicts = {}
+    for flags in ([], ["--paired"]):
+        out = tmp_path / f"report{len(flags)}"
+        main(["report", *flags, "--arm", "a", str(tmp_path / "a_seed*.json"), "--arm", "b",
+              str(tmp_path / "b_seed*.json"), "--baseline", "b", "--out", str(out)])  # fmt: skip
+        table = json.loads((out / "report.json").read_text())["tasks"]
+        verdicts[len(flags)] = table["reach"]["a - b"]["verdict"]
+    assert verdicts == {0: "not supported", 1: "supported"}
+    with pytest.raises(SystemExit) as info:
+        main(["report", "--paired", "--arm", "a", str(tmp_path / "a_seed*.json"), "--arm", "c",
+              str(tmp_path / "c_seed*.json"), "--baseline", "c", "--out", str(out)])  # fmt: skip
+    assert info.value.code == 2 and "--paired needs the same checkpoints" in capsys.readouterr().err
 
 
 def test_llmdpd_report_writes_markdown_json_and_png(
