@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.paired:
         checkpoints = {name: [json.loads(Path(f).read_text())["meta"].get("ckpt_path") for f in arm]
                        for name, arm in arms.items()}  # fmt: skip
-        if len({tuple(c) for c in checkpoints.values()}) > 1:
+        if len({tuple(c) for c in checkpoints.values()}) > 1 or None in next(iter(checkpoints.values())):
             p.error(f"--paired needs the same checkpoints in every arm, in glob order; got {checkpoints}")
     table = summarize(arms, args.baseline, args.paired)
     metric = metric_of(arms)

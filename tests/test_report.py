@@ -104,6 +104,11 @@ def test_llmdpd_report_pairs_only_the_same_checkpoints(
         main(["report", "--paired", "--arm", "a", str(tmp_path / "a_seed*.json"), "--arm", "c",
               str(tmp_path / "c_seed*.json"), "--baseline", "c", "--out", str(out)])  # fmt: skip
     assert info.value.code == 2 and "--paired needs the same checkpoints" in capsys.readouterr().err
+    nameless = [_results(tmp_path / f"nameless_{arm}.json", {"reach": 5}) for arm in "ab"]  # no ckpt_path
+    with pytest.raises(SystemExit) as info:
+        main(["report", "--paired", "--arm", "a", str(nameless[0]), "--arm", "b", str(nameless[1]),
+              "--baseline", "b", "--out", str(out)])  # fmt: skip
+    assert info.value.code == 2 and "--paired needs the same checkpoints" in capsys.readouterr().err
 
 
 def test_llmdpd_report_writes_markdown_json_and_png(
