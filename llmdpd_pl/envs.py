@@ -19,12 +19,15 @@ import metaworld
 import numpy as np
 from metaworld.policies import ENV_POLICY_MAP
 
+from llmdpd_pl import hidden_goal
 from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.utils import derive_seed
 
 ENV_ID = "llmdpd/MetaWorld-v3"
 #: The 50 Meta-World v3 task names, without the ``-v3`` suffix.
 METAWORLD_TASKS: tuple[str, ...] = tuple(sorted(n.removesuffix("-v3") for n in metaworld.ALL_V3_ENVIRONMENTS))
+#: Every task this module builds: the 50, then the 12 hidden-goal regions (:mod:`llmdpd_pl.hidden_goal`).
+TASKS: tuple[str, ...] = (*METAWORLD_TASKS, *hidden_goal.TASKS)
 OBS_DIM = 39
 ACT_DIM = 4
 MAX_EPISODE_STEPS = 500
@@ -48,10 +51,10 @@ def check_names(
 
 
 def check_task_names(names: Iterable[str], field: str) -> list[str]:
-    """:func:`check_names` for Meta-World task names only."""
-    return check_names(names, field, METAWORLD_TASKS.__contains__, METAWORLD_TASKS,
+    """:func:`check_names` for Meta-World task names (:data:`TASKS`) only."""
+    return check_names(names, field, TASKS.__contains__, TASKS,
                        "unknown Meta-World task {name!r}.{hint} Names are the v3 tasks without the '-v3' "
-                       "suffix, e.g. 'box-close'")  # fmt: skip
+                       "suffix, e.g. 'box-close', or a hidden-goal region, e.g. 'hidden-reach-left-far-high'")
 
 
 def make_metaworld(task: str, seed: int = 0, **kwargs: Any) -> gym.Env:
@@ -63,6 +66,8 @@ def make_metaworld(task: str, seed: int = 0, **kwargs: Any) -> gym.Env:
         **kwargs: Passed to ``metaworld.make_mt_envs`` (e.g. ``render_mode``, ``camera_name``).
     """
     check_task_names([task], "task")
+    if hidden_goal.is_hidden(task):
+        return hidden_goal.make_env(task, seed=seed, **kwargs)
     env = metaworld.make_mt_envs(f"{task}-v3", seed=seed, **kwargs)
     assert isinstance(env, gym.Env)  # one task name gives one env, not a vector env
     return env
@@ -81,8 +86,11 @@ def make_env(task: str, seed: int = 0, **kwargs: Any) -> gym.Env:
 
 
 def scripted_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The task's Meta-World scripted expert, with actions clipped to [-1, 1] (they are not, raw)."""
+    """The task's Meta-World scripted expert, with actions clipped to [-1, 1] (they are not, raw); for a
+    hidden-goal region, the expert sent to the region's centre (the observation has no goal)."""
     check_task_names([task], "task")
+    if hidden_goal.is_hidden(task):
+        return hidden_goal.region_expert(task)
     policy = ENV_POLICY_MAP[f"{task}-v3"]()
 
     def act(obs: np.ndarray) -> np.ndarray:
@@ -133,5 +141,8 @@ def make_eval_envs(
 ) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``task`` with the evaluation layout set, SAME_STEP autoreset."""
     env_seed = layout_seed(seed, task)
-    fns = [lambda: LayoutReset(make_env(task, seed=env_seed, **kwargs)) for _ in range(num_envs)]
+    if hidden_goal.is_hidden(task):  # reset(seed=i) draws episode i's goal itself
+        fns = [lambda: make_env(task, seed=env_seed, **kwargs) for _ in range(num_envs)]
+    else:
+        fns = [lambda: LayoutReset(make_env(task, seed=env_seed, **kwargs)) for _ in range(num_envs)]
     return vector_env(fns, vectorization)

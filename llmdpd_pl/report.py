@@ -1,22 +1,27 @@
 """``llmdpd report``: results of ``llmdpd test`` across seeds and arms, in the paper's table format.
 
     llmdpd report --protocol P3 --arm both 'results/p3/both_seed*.json'
-        --arm none 'results/p3/none_seed*.json' [--baseline none] [--select last|best] [--out DIR]
+        --arm none 'results/p3/none_seed*.json' [--baseline none] [--select last|best] [--paired]
+        [--effect 10] [--out DIR]
 
 Each ``--arm NAME GLOB`` is one arm (one results JSON per training seed). The metric is the suite's:
 success % on Meta-World, D4RL's normalised score on locomotion. ``--select last`` reports the tested
 checkpoint (the results rows); ``--select best`` reports, per seed and task, the best evaluation made
 during fit (``meta.during_fit``), which is Diffusion-QL's online model selection and biased upwards.
 
-Per task the report gives each arm's metric as mean ± std over seeds (as the paper reports) with the
-per-seed values, and each arm's difference from the ``--baseline`` arm with a 95% bootstrap interval at
-both levels of the experiment (the seeds of each arm; within each, the seed's score given its episodes).
-``--paired`` is for arms that test the same checkpoints differently (e.g. paraphrased prompts): the i-th
-results JSON of each arm (in glob order) must name the same checkpoint, and each replicate draws the same
-seeds for both arms, so that the spread between seeds cancels in the difference.
-A difference is "supported" only if its interval excludes zero and each arm has at least two seeds. Only
-the tasks that every results JSON holds are compared. Writes ``report.md``, ``report.json`` and
-``report.png`` (the paper's Figure 2 style: one bar per arm and task, error bars = std over seeds).
+Per task, and per split's mean over its tasks, the report gives each arm's metric as mean ± std over
+seeds (as the paper reports) with the per-seed values, and each arm's difference from the ``--baseline``
+arm judged on the seed means (:mod:`llmdpd_pl.stats`; the words are defined in ``docs/verdicts.md``):
+Welch's t-test with its 95% interval and p-value, the minimum detectable effect (MDE) at 80% power, the
+seeds per arm needed to detect ``--effect`` (the difference that matters, in the table's points), and the
+verdict: **supported**, **inconclusive** or **no effect at this power**. ``--paired`` is for arms that
+test the same checkpoints differently (e.g. paraphrased prompts): the i-th results JSON of each arm (in
+glob order) must name the same checkpoint, and the paired t-test replaces Welch's.
+
+``report.json`` also holds a two-level 95% bootstrap interval (seeds, then episodes), a description only,
+shown in the markdown where an arm has one seed. Only the tasks that every results JSON holds are
+compared. Writes ``report.md``, ``report.json`` (values in the metric's units: success as a fraction)
+and ``report.png`` (the paper's Figure 2 style: one bar per arm and task, error bars = std over seeds).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import glob
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +39,7 @@ import numpy as np
 
 from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.locomotion import normalized_score
+from llmdpd_pl.stats import ALPHA, MAX_SEEDS, POWER, compare
 from llmdpd_pl.utils import atomic_write
 
 Metric = Literal["success", "normalized_score"]
@@ -100,13 +106,8 @@ def load_arm(pattern: str, select: Literal["last", "best"] = "last") -> Arm:
     return arm
 
 
-def bootstrap_difference(
-    arm: Sequence[Sequence[Cell]],
-    base: Sequence[Sequence[Cell]],
-    n: int = 10_000,
-    seed: int = 0,
-    paired: bool = False,
-) -> tuple[float, float, float]:
+def bootstrap_difference(arm: Sequence[Sequence[Cell]], base: Sequence[Sequence[Cell]], n: int = 10_000,
+                         seed: int = 0, paired: bool = False) -> tuple[float, float, float]:  # fmt: skip
     """Difference of the mean value, arm − base, with a two-level 95% bootstrap interval.
 
     Each arm is a list of seeds, each seed a list of cells over the tasks averaged. Each replicate draws
@@ -146,10 +147,15 @@ def _seeds(arm: Arm, tasks: Sequence[str]) -> list[list[Cell]]:
     return [[seed[t][0] for t in tasks] for seed in arm.values() if all(t in seed for t in tasks)]
 
 
-def summarize(arms: dict[str, Arm], baseline: str | None, paired: bool = False) -> dict[str, Any]:
+def summarize(
+    arms: dict[str, Arm], baseline: str | None, paired: bool = False, effect: float | None = None
+) -> dict[str, Any]:
     """Per task, and per split's mean over its tasks: each arm's per-seed value, mean and std over seeds,
-    and each arm's difference from ``baseline`` (``paired``: seed by seed). Only the tasks of every seed
-    of every arm."""
+    and each arm's difference from ``baseline`` (``paired``: seed by seed) with its test, power and verdict
+    (:func:`llmdpd_pl.stats.compare`; ``effect``, the difference that matters, in the metric's units,
+    defaults to 10 points of the table) and a two-level bootstrap interval. Only the tasks of every seed of
+    every arm."""
+    effect = 10.0 / SCALE[metric_of(arms)] if effect is None else effect
     every = set.intersection(*(set(seed) for arm in arms.values() for seed in arm.values()))
     splits = {t: r[1] for arm in arms.values() for seed in arm.values() for t, r in seed.items()
               if t in every}  # fmt: skip
@@ -159,31 +165,47 @@ def summarize(arms: dict[str, Arm], baseline: str | None, paired: bool = False) 
     table: dict[str, Any] = {}
     for label, tasks in groups.items():
         seeds = {name: _seeds(arm, tasks) for name, arm in arms.items()}
+        values = {name: [float(np.mean([c.value for c in s])) for s in seeds[name]] for name in arms}
         row: dict[str, Any] = {}
-        for name in arms:
-            values = [float(np.mean([c.value for c in s])) for s in seeds[name]]
-            std = float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: no spread
-            row[name] = {"seeds": values, "mean": float(np.mean(values)), "std": std}
+        for name, v in values.items():
+            std = float(np.std(v, ddof=1)) if len(v) > 1 else None  # one seed: no spread
+            row[name] = {"seeds": v, "mean": float(np.mean(v)), "std": std}
         for name in [n for n in arms if baseline is not None and n != baseline]:
-            base = seeds[str(baseline)]
-            point, low, high = bootstrap_difference(seeds[name], base, paired=paired)
-            if not (low > 0 or high < 0):
-                verdict = "not supported"
-            else:  # with one seed per arm, the interval says nothing of the seeds' spread
-                verdict = "supported" if min(len(seeds[name]), len(base)) > 1 else "episodes only (1 seed)"
-            row[f"{name} - {baseline}"] = {"difference": point, "ci95": [low, high], "verdict": verdict}
+            base = str(baseline)
+            diff = asdict(compare(values[name], values[base], effect, paired))
+            _, low, high = bootstrap_difference(seeds[name], seeds[base], paired=paired)
+            row[f"{name} - {baseline}"] = {**diff, "bootstrap_ci95": [low, high]}
         table[label] = row
     return table
 
 
-def markdown(table: dict[str, Any], arms: Sequence[str], protocol: str, metric: Metric, select: str) -> str:
+def _difference(r: dict[str, Any], scale: float) -> str:
+    """One difference as the table shows it: value [95% CI] p verdict (MDE, seeds needed)."""
+    point = f"{scale * r['difference']:+.1f}"
+    if r["verdict"] == "no test (1 seed)":
+        low, high = (scale * v for v in r["bootstrap_ci95"])
+        return f"{point} [{low:+.1f}, {high:+.1f}] episodes only: {r['verdict']}"
+    if r["p_value"] is None:
+        return f"{point} {r['verdict']}"
+    ci = "" if r["ci95"] is None else " [{:+.1f}, {:+.1f}]".format(*(scale * v for v in r["ci95"]))
+    p = "p<0.001" if r["p_value"] < 0.001 else f"p={r['p_value']:.3f}"
+    needed = f"> {MAX_SEEDS}" if r["seeds_needed"] is None else r["seeds_needed"]
+    return f"{point}{ci} {p} {r['verdict']} (MDE {scale * r['mde']:.1f}, {needed} seeds)"
+
+
+def markdown(
+    table: dict[str, Any], arms: Sequence[str], protocol: str, metric: Metric, select: str,
+    effect: float = 10.0, paired: bool = False,
+) -> str:  # fmt: skip
     """The summary as a markdown table: the metric's mean ± std (per-seed values), or its one seed's value
-    marked "(1 seed)", then the differences."""
+    marked "(1 seed)", then the differences. ``effect`` is in the table's units."""
     diffs = sorted({k for row in table.values() for k in row if " - " in k})
     head, scale = ["task", *arms, *diffs], SCALE[metric]
+    test = "paired t-test on the per-seed differences" if paired else "Welch t-test on the seed means"
     lines = [f"**{protocol}** — {LABEL[metric]} of the {SELECT[select]}, mean ± std over seeds (per-seed "
-             "values); differences with 95% bootstrap intervals over seeds and episodes", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+             f"values); differences: {test}, 95% CI, p-value and verdict (docs/verdicts.md), then the "
+             f"minimum detectable effect at 80% power (MDE) and the seeds per arm needed to detect "
+             f"{effect:g} points", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for task, row in table.items():
         cells = [task]
         for name in arms:
@@ -191,10 +213,7 @@ def markdown(table: dict[str, Any], arms: Sequence[str], protocol: str, metric: 
             seeds = ", ".join(f"{scale * v:.0f}" for v in r["seeds"])
             spread = "(1 seed)" if r["std"] is None else f"± {scale * r['std']:.1f} ({seeds})"
             cells.append(f"{scale * r['mean']:.1f} {spread}")
-        for d in diffs:
-            r = row[d]
-            low, high = (scale * v for v in r["ci95"])
-            cells.append(f"{scale * r['difference']:+.1f} [{low:+.1f}, {high:+.1f}] {r['verdict']}")
+        cells += [_difference(row[d], scale) for d in diffs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -234,7 +253,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("report"), help="folder of report.{md,json,png}")
     p.add_argument("--paired", action="store_true",
                    help="the arms test the same checkpoints: compare them seed by seed")  # fmt: skip
+    p.add_argument("--effect", type=float, default=10.0,
+                   help="the difference that matters, in the table's units (points): it sets the verdict "
+                        "'inconclusive' against 'no effect at this power', and the seeds needed")  # fmt: skip
     args = p.parse_args(argv)
+    if not args.effect > 0:
+        raise ConfigError("--effect", "must be > 0 (the difference that matters, in the table's units)",
+                          args.effect)  # fmt: skip
     arms = {name: load_arm(pattern, args.select) for name, pattern in args.arm}
     if args.baseline is not None and args.baseline not in arms:
         p.error(f"--baseline {args.baseline!r} is not an --arm ({sorted(arms)})")
@@ -243,11 +268,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                        for name, arm in arms.items()}  # fmt: skip
         if len({tuple(c) for c in checkpoints.values()}) > 1 or None in next(iter(checkpoints.values())):
             p.error(f"--paired needs the same checkpoints in every arm, in glob order; got {checkpoints}")
-    table = summarize(arms, args.baseline, args.paired)
     metric = metric_of(arms)
-    text = markdown(table, list(arms), args.protocol, metric, args.select)
-    data = {"protocol": args.protocol, "select": args.select, "metric": metric,
-            "arms": {n: list(a) for n, a in arms.items()}, "tasks": table}  # fmt: skip
+    effect = args.effect / SCALE[metric]
+    table = summarize(arms, args.baseline, args.paired, effect)
+    text = markdown(table, list(arms), args.protocol, metric, args.select, args.effect, args.paired)
+    data = {"protocol": args.protocol, "select": args.select, "metric": metric, "alpha": ALPHA,
+            "power": POWER, "effect": effect, "arms": {n: list(a) for n, a in arms.items()},
+            "tasks": table}  # fmt: skip
     atomic_write(args.out / "report.json", json.dumps(data, indent=2).encode())
     atomic_write(args.out / "report.md", (text + "\n").encode())
     png = bar_chart(table, list(arms), f"{args.protocol} ({args.select})", metric)

@@ -22,6 +22,7 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
+from llmdpd_pl import hidden_goal
 from llmdpd_pl.envs import scripted_policy
 from llmdpd_pl.locomotion import normalized_score, reference
 from llmdpd_pl.suites import dims, episode_steps, make_eval_envs, suite_of
@@ -190,6 +191,21 @@ def expert_policy() -> PolicyFn:
     return act
 
 
+def blind_expert_policy() -> PolicyFn:
+    """The scripted expert sent to the centre of all hidden-goal regions (the ``expert-blind`` row)."""
+    fn = hidden_goal.blind_expert()
+    return lambda obs, task: np.stack([fn(o) for o in obs])
+
+
+def reference_policies(tasks: Sequence[tuple[str, str]]) -> list[tuple[str, PolicyFn, list[tuple[str, str]]]]:
+    """(row name, scripted policy, its (task, split)s): ``expert`` on every Meta-World task, and
+    ``expert-blind`` on the hidden-goal regions."""
+    scripted = [(t, s) for t, s in tasks if suite_of(t) == "metaworld"]
+    hidden = [(t, s) for t, s in scripted if hidden_goal.is_hidden(t)]
+    rows = [("expert", expert_policy(), scripted), ("expert-blind", blind_expert_policy(), hidden)]
+    return [row for row in rows if row[2]]
+
+
 def random_policy(seed: int = 0) -> PolicyFn:
     rng = np.random.default_rng(seed)
     return lambda obs, task: rng.uniform(-1, 1, size=(len(obs), dims(task)[1])).astype(np.float32)
@@ -215,8 +231,10 @@ def mean_success(rows: Sequence[TaskResult], policy: str = "agent") -> dict[str,
 def format_results(rows: Sequence[TaskResult]) -> str:
     """A readable table: task, split, policy, success %, 95% CI, return ± std, length, steps to success,
     normalised score ("-" where a suite has no such metric)."""
+    w = max([20, *(len(r.task) + 2 for r in rows)])  # the task and policy columns fit the longest names
+    pw = max([8, *(len(r.policy) + 1 for r in rows)])
     head = (
-        f"{'task':<20}{'split':<8}{'policy':<8}{'eps':>5}{'success':>9}{'95% CI':>15}"
+        f"{'task':<{w}}{'split':<8}{'policy':<{pw}}{'eps':>5}{'success':>9}{'95% CI':>15}"
         f"{'return':>17}{'length':>8}{'t_succ':>8}{'score':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -229,11 +247,11 @@ def format_results(rows: Sequence[TaskResult]) -> str:
         ret = f"{r.mean_return:.1f} ± {r.return_std:.1f}"
         score = "-" if r.normalized_score is None else f"{r.normalized_score:.1f}"
         lines.append(
-            f"{r.task:<20}{r.split:<8}{r.policy:<8}{r.episodes:>5}{succ:>9}"
+            f"{r.task:<{w}}{r.split:<8}{r.policy:<{pw}}{r.episodes:>5}{succ:>9}"
             f"{ci:>15}{ret:>17}{r.mean_length:>8.0f}{t:>8}{score:>8}"
         )
     for split, mean in mean_success(rows).items():
-        lines.append(f"{'mean ' + split:<36}{100 * mean:>8.1f}%")
+        lines.append(f"{'mean ' + split:<{w + 8 + pw}}{100 * mean:>8.1f}%")
     return "\n".join(lines)
 
 

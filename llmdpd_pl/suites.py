@@ -1,6 +1,7 @@
 """The two task suites, told apart by the task's name: a few functions, not a framework.
 
-- ``metaworld``: a Meta-World v3 task name without ``-v3`` (``"box-close"``); metric: success rate.
+- ``metaworld``: a Meta-World v3 task name without ``-v3`` (``"box-close"``), or a hidden-goal reach
+  region (``"hidden-reach-left-far-high"``, :mod:`llmdpd_pl.hidden_goal`); metric: success rate.
 - ``locomotion``: any registered Gymnasium id (``"Hopper-v5"``); metric: return, and D4RL's normalised
   score where D4RL has reference returns (:mod:`llmdpd_pl.locomotion`).
 """
@@ -13,7 +14,7 @@ from typing import Any, Literal
 
 import gymnasium as gym
 
-from llmdpd_pl import envs
+from llmdpd_pl import envs, hidden_goal
 from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.locomotion import is_gym_env, make_locomotion
 
@@ -22,7 +23,7 @@ Suite = Literal["metaworld", "locomotion"]
 
 def _suite(task: str) -> Suite | None:
     """``metaworld`` for a Meta-World task name, ``locomotion`` for a Gymnasium id, None else."""
-    if task in envs.METAWORLD_TASKS:
+    if task in envs.TASKS:
         return "metaworld"
     return "locomotion" if is_gym_env(task) else None
 
@@ -36,7 +37,7 @@ def suite_of(task: str) -> Suite:
 
 def check_tasks(names: Iterable[str], field: str) -> list[str]:
     """``names`` as a list, or a :class:`ConfigError` naming ``field``, the name and close matches."""
-    known = list(envs.METAWORLD_TASKS) + [k for k in gym.registry if k.endswith("-v5")]
+    known = list(envs.TASKS) + [k for k in gym.registry if k.endswith("-v5")]
     return envs.check_names(names, field, lambda t: _suite(t) is not None, known,
                             "unknown task {name!r}.{hint} A task is a Meta-World v3 name without '-v3' "
                             "(e.g. 'box-close') or a Gymnasium env id (e.g. 'Hopper-v5')")  # fmt: skip
@@ -72,9 +73,10 @@ def dims(task: str) -> tuple[int, int]:
 
 @cache
 def episode_steps(task: str) -> int:
-    """Steps of a full episode: Meta-World's 500, or the env's registered ``max_episode_steps``."""
+    """Steps of a full episode: Meta-World's 500 (a hidden-goal region's 150), or the env's registered
+    ``max_episode_steps``."""
     if suite_of(task) == "metaworld":
-        return envs.MAX_EPISODE_STEPS
+        return hidden_goal.EPISODE_STEPS if hidden_goal.is_hidden(task) else envs.MAX_EPISODE_STEPS
     steps = gym.spec(task).max_episode_steps
     if steps is None:
         raise ConfigError("data.seen_tasks", "the env has no max_episode_steps; register it with a time "

@@ -8,8 +8,8 @@ from pathlib import Path
 import llmdpd_pl
 
 LAYERS = [
-    ["utils", "errors"],
-    ["envs", "locomotion", "suites"],
+    ["utils", "errors", "stats"],
+    ["hidden_goal", "envs", "locomotion", "suites"],
     ["schedules", "diffusion", "losses"],
     ["layers", "networks", "prompt_encoders"],
     ["policy", "task_bank"],

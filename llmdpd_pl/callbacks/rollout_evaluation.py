@@ -41,14 +41,14 @@ from llmdpd_pl.rollouts import (
     Counts,
     PolicyFn,
     TaskResult,
-    expert_policy,
     format_results,
     mean_success,
+    reference_policies,
     run_episodes,
     shard,
     write_json,
 )
-from llmdpd_pl.suites import episode_steps, make_eval_envs, suite_of
+from llmdpd_pl.suites import episode_steps, make_eval_envs
 from llmdpd_pl.utils import PROGRESS_INTERVAL
 from llmdpd_pl.video import MAX_GIF_FPS, CameraName, VideoRecorder, tensorboards
 
@@ -63,7 +63,9 @@ class RolloutEvaluation(L.Callback):
         num_envs: Parallel envs per task (per rank).
         vectorization: ``sync`` (right for 2 cores) or ``async`` (one process per env).
         test_seen: In ``llmdpd test``, evaluate the seen tasks too, not only the unseen ones.
-        expert_reference: In ``llmdpd test``, add the scripted expert's row for each Meta-World task.
+        expert_reference: In ``llmdpd test``, add the scripted expert's row for each Meta-World task; a
+            hidden-goal region gets two: ``expert`` (sent to the region's centre) and ``expert-blind``
+            (sent to the centre of all regions).
         prompt_index: Which prompt trajectory of each task conditions the policy, or ``all``: episode i
             runs with trajectory i mod P (recorded in the JSON).
         prompts_from: In ``llmdpd test``, condition on the config's prompts (``config``) or keep the
@@ -247,8 +249,8 @@ class RolloutEvaluation(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         tasks = self._tasks(trainer, seen=self.test_seen)
         rows = self.evaluate(trainer, {"agent": self._agent(pl_module, self.seed)}, tasks, self.test_episodes)
-        if self.expert_reference and (scripted := [(t, s) for t, s in tasks if suite_of(t) == "metaworld"]):
-            rows += self.evaluate(trainer, {"expert": [expert_policy()]}, scripted, self.test_episodes)
+        for name, policy, scripted in reference_policies(tasks) if self.expert_reference else []:
+            rows += self.evaluate(trainer, {name: [policy]}, scripted, self.test_episodes)
         self.results = rows
         for split, mean in mean_success(rows).items():
             pl_module.log(f"test/{split}/success", mean)

@@ -98,13 +98,15 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
     """Collect one (task, kind) dataset into a staging folder, then move it into place."""
     import minari
 
+    from llmdpd_pl import hidden_goal
     from llmdpd_pl.envs import make_env, scripted_policy
 
     warnings.filterwarnings("ignore", module="metaworld")
     spec, task, kind = job.spec, job.task, job.kind
     env_seed = derive_seed(spec.seed, task, kind)
     env = make_env(task, seed=env_seed)
-    expert = scripted_policy(task)
+    # A hidden-goal region's expert reads the goal the observation hides.
+    expert = hidden_goal.privileged_expert(env) if hidden_goal.is_hidden(task) else scripted_policy(task)
     buffers, episodes, levels = [], [], spec.levels_for(kind, task)
     for name, level in levels.items():
         rng = np.random.default_rng(derive_seed(spec.seed, task, kind, name))

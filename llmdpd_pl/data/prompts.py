@@ -2,7 +2,8 @@
 and the three MuJoCo locomotion envs of D4RL (``HalfCheetah-v5``, ``Hopper-v5``, ``Walker2d-v5``: the
 robot, its state and action, the reward, the initial state and the termination, as the paper's §4.2).
 
-The texts live in ``prompts.json`` next to this file, written for this project. A config can override
+The texts live in ``prompts.json`` next to this file, written for this project; the hidden-goal regions'
+texts come from one template (:func:`llmdpd_pl.hidden_goal.text_prompt`). A config can override
 a task's prompt or add prompts for new tasks through ``PromptedOfflineDataModule(prompts=...)``.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 
+from llmdpd_pl import hidden_goal
 from llmdpd_pl.errors import ConfigError
 
 DEFAULT_INSTRUCTION = "Convert the following task description into a structured policy representation."
@@ -47,6 +49,7 @@ def _parse(name: str, entry: object, field: str) -> TextPrompt:
 def load_prompts(overrides: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, TextPrompt]:
     """The packaged prompts, with ``overrides`` (task name → fields) replacing or adding entries."""
     raw = json.loads(resources.files(__package__).joinpath("prompts.json").read_text())
+    raw |= {task: hidden_goal.text_prompt(task) for task in hidden_goal.TASKS}
     prompts = {name: _parse(name, entry, "prompts.json") for name, entry in raw.items()}
     for name, entry in (overrides or {}).items():
         prompts[name] = _parse(name, entry, "data.prompts")

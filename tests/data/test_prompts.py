@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from llmdpd_pl import hidden_goal
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.prompts import DEFAULT_INSTRUCTION, TextPrompt, load_prompts, render_prompt
 from llmdpd_pl.envs import METAWORLD_TASKS
@@ -16,12 +17,12 @@ from llmdpd_pl.envs import METAWORLD_TASKS
 NEW_REACH = {"task": "Reach far", "objective": "Touch the far wall.", "constraints": "Stay above the table."}
 
 
-def test_packaged_prompts_cover_exactly_the_50_tasks_and_d4rls_three_envs() -> None:
+def test_packaged_prompts_cover_exactly_the_50_tasks_d4rls_three_envs_and_the_hidden_goal_regions() -> None:
     tasks = [*METAWORLD_TASKS, "HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"]
     raw = json.loads(resources.files("llmdpd_pl.data").joinpath("prompts.json").read_text())
-    assert sorted(raw) == sorted(tasks)  # the file itself, before any parsing
+    assert sorted(raw) == sorted(tasks)  # the file itself, before any parsing; the regions are templated
     prompts = load_prompts()
-    assert set(prompts) == set(tasks)
+    assert set(prompts) == set(tasks) | set(hidden_goal.TASKS)
     for name, prompt in prompts.items():
         for field in ("task", "objective", "constraints"):
             assert getattr(prompt, field).strip(), f"{name}.{field} is empty"
@@ -30,10 +31,23 @@ def test_packaged_prompts_cover_exactly_the_50_tasks_and_d4rls_three_envs() -> N
 def test_rendered_prompts_are_all_distinct() -> None:
     prompts = load_prompts()
     rendered = [render_prompt(p) for p in prompts.values()]
-    assert len(rendered) == 53 and len(set(rendered)) == 53  # 50 Meta-World tasks, 3 locomotion envs
-    # Each field alone distinguishes the tasks too, so no two tasks share a description.
-    assert len({p.task for p in prompts.values()}) == 53
-    assert len({p.objective for p in prompts.values()}) == 53
+    assert len(rendered) == 65 and len(set(rendered)) == 65  # 50 Meta-World tasks, 3 locomotion, 12 regions
+    # Each objective alone distinguishes the tasks too, so no two tasks share a description; the regions
+    # share one task name ("Reach a hidden goal"), so that only their region words differ.
+    assert len({p.task for p in prompts.values()}) == 54
+    assert len({p.objective for p in prompts.values()}) == 65
+
+
+def test_hidden_goal_texts_differ_only_in_their_region_words() -> None:
+    prompts = load_prompts()
+    words = {w for ws in hidden_goal.WORDS.values() for w in ws}
+    masked = set()
+    for task in hidden_goal.TASKS:
+        text = render_prompt(prompts[task])
+        for w in hidden_goal.WORDS[task]:
+            assert f" {w} " in text, (task, w)
+        masked.add(" ".join("*" if t.strip(".,") in words else t for t in text.split()))
+    assert len(masked) == 1  # one template
 
 
 def test_door_lock_and_door_unlock_differ() -> None:
