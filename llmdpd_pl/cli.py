@@ -16,6 +16,7 @@ import yaml
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningCLI
 
+from llmdpd_pl.callbacks.provenance import Provenance, train_record
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.embeddings import LLMSpec, check_same_llm, llm_identity
 from llmdpd_pl.errors import ConfigError, at_least, reporting_user_errors
@@ -170,14 +171,20 @@ class LLMDPDCLI(LightningCLI):
                 check_same_llm(bank["llm"], llm_identity(LLMSpec(**(llm.as_dict() if llm else {}))))
             values, notes = reconcile_with_checkpoint(self._given_model, trained.get("hyper_parameters", {}))
             timer = trained.get("callbacks", {}).get("Timer", {})
-            self._run = {"train_seconds": timer.get("time_elapsed", {}).get("train")}
+            self._run = {"train_seconds": timer.get("time_elapsed", {}).get("train"), **train_record(trained)}
             for key in EVALUATION_KEYS & values.keys():
                 self.config.test.model[key] = values[key]
             for note in notes:
                 print(note, file=sys.stderr)
 
+    def before_fit(self) -> None:
+        """Every checkpoint records the training commit, config, seeds and package versions."""
+        config = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
+        self.trainer.callbacks.append(Provenance(config.get("fit", config)))
+
     def before_test(self) -> None:
-        """The results JSON records the code's commit, the resolved config and the training wall time."""
+        """The results JSON records the code's commit, the resolved config, the training wall time and
+        the checkpoint's provenance (:mod:`llmdpd_pl.callbacks.provenance`)."""
         from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
 
         config = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))

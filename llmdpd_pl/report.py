@@ -30,6 +30,7 @@ import argparse
 import glob
 import io
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -242,6 +243,17 @@ def bar_chart(table: dict[str, Any], arms: Sequence[str], title: str, metric: Me
     return png.getvalue()
 
 
+def training_commits(arms: dict[str, Arm]) -> dict[str, list[str]]:
+    """Commit that trained each results JSON's checkpoint (``meta.train_commit``) → the JSONs; a JSON that
+    does not record it is listed under ``unrecorded (tested at <meta.commit>)``."""
+    commits: dict[str, list[str]] = {}
+    for path in (p for arm in arms.values() for p in arm):
+        meta = json.loads(Path(path).read_text())["meta"]
+        commit = meta.get("train_commit") or f"unrecorded (tested at {meta.get('commit')})"
+        commits.setdefault(commit, []).append(path)
+    return commits
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="llmdpd report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -268,13 +280,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                        for name, arm in arms.items()}  # fmt: skip
         if len({tuple(c) for c in checkpoints.values()}) > 1 or None in next(iter(checkpoints.values())):
             p.error(f"--paired needs the same checkpoints in every arm, in glob order; got {checkpoints}")
+    if len(commits := training_commits(arms)) > 1:
+        print(f"warning: the arms were trained at {len(commits)} commits: {sorted(commits)}", file=sys.stderr)
     metric = metric_of(arms)
     effect = args.effect / SCALE[metric]
     table = summarize(arms, args.baseline, args.paired, effect)
     text = markdown(table, list(arms), args.protocol, metric, args.select, args.effect, args.paired)
     data = {"protocol": args.protocol, "select": args.select, "metric": metric, "alpha": ALPHA,
             "power": POWER, "effect": effect, "arms": {n: list(a) for n, a in arms.items()},
-            "tasks": table}  # fmt: skip
+            "train_commits": commits, "tasks": table}  # fmt: skip
     atomic_write(args.out / "report.json", json.dumps(data, indent=2).encode())
     atomic_write(args.out / "report.md", (text + "\n").encode())
     png = bar_chart(table, list(arms), f"{args.protocol} ({args.select})", metric)

@@ -77,6 +77,9 @@ def test_fit_writes_checkpoint_and_resumes(model_data: ModelData, tmp_path: Path
     (resumed,) = (tmp_path / "resumed" / "checkpoints").glob("*.ckpt")
     ckpt = _load(resumed)
     assert ckpt["global_step"] == 10 and ckpt["llmdpd"]["updates"] == 5
+    first, second = ckpt["callbacks"]["Provenance"]["segments"]  # the first fit's, then the resume's
+    assert first["config"]["trainer"]["max_steps"] == 6 and second["config"]["trainer"]["max_steps"] == 10
+    assert first["versions"]["lightning"] == second["versions"]["lightning"] is not None
 
 
 @pytest.mark.parametrize("override", [["--model.prompts", "trajectory"], ["--model.prompts", "none"],

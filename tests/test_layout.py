@@ -15,7 +15,7 @@ LAYERS = [
     ["policy", "task_bank"],
     ["data.prompts", "data.embeddings", "data.spec", "data.collect", "data.sac", "data.batches",
      "data.loading", "data.datamodule"],
-    ["objectives", "module", "callbacks.ema"],
+    ["objectives", "module", "callbacks.ema", "callbacks.provenance"],
     ["rollouts", "acting", "video", "prompt_matrix", "callbacks.rollout_evaluation"],
     ["report"],
     ["cli", "preflight"],

@@ -139,6 +139,23 @@ def test_llmdpd_report_writes_markdown_json_and_png(
     assert capsys.readouterr().out.strip().endswith(str(out / "report.md"))
 
 
+def test_arms_trained_at_different_commits_are_named_in_one_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i, commit in enumerate(["a" * 40, "a" * 40, "b" * 40]):
+        _results(tmp_path / f"both_seed{i}.json", {"reach": 40 + i}, {"train_commit": commit})
+    _results(tmp_path / "none_seed0.json", {"reach": 10}, {"commit": "c" * 40})  # no train_commit recorded
+    out = tmp_path / "report"
+    main(["report", "--arm", "both", str(tmp_path / "both_seed*.json"), "--arm", "none",
+          str(tmp_path / "none_seed*.json"), "--out", str(out)])  # fmt: skip
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert "3 commits" in line and "a" * 40 in line and "b" * 40 in line and "unrecorded (tested at ccc" in line
+    commits = json.loads((out / "report.json").read_text())["train_commits"]
+    assert commits["a" * 40] == [str(tmp_path / f"both_seed{i}.json") for i in (0, 1)]
+    main(["report", "--arm", "both", str(tmp_path / "both_seed[01].json"), "--out", str(out)])
+    assert "warning" not in capsys.readouterr().err  # one commit: no warning
+
+
 def test_effect_decides_between_inconclusive_and_no_effect(
     arms: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

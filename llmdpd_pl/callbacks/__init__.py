@@ -1,1 +1,1 @@
-"""Lightning callbacks: actor EMA and rollout evaluation."""
+"""Lightning callbacks: actor EMA, rollout evaluation and provenance."""

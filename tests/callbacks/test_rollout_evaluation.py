@@ -255,6 +255,12 @@ def test_llmdpd_test_end_to_end(
     assert data["meta"]["config"]["ckpt_path"] == str(ckpt)
     commit = data["meta"]["commit"]
     assert commit is None or len(commit.removesuffix("+dirty")) == 40
+    # Where the checkpoint came from: the fit's commit, config, seeds and package versions.
+    (segment,) = data["meta"]["train_provenance"]
+    assert data["meta"]["train_commit"] == segment["commit"] == commit  # trained and tested by this checkout
+    assert segment["config"]["model"]["hidden_dim"] == 32 and segment["model_seed"] == 0
+    assert segment["versions"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert set(segment["versions"]) == {"torch", "lightning", "metaworld", "transformers", "gymnasium", "mujoco"}
     assert "videos" not in data and not (tmp_path / "videos").exists()  # --videos 0 overrides the config
 
 
