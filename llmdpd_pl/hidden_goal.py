@@ -30,7 +30,7 @@ from typing import Any
 import gymnasium as gym
 import metaworld
 import numpy as np
-from metaworld.policies import ENV_POLICY_MAP
+from metaworld.policies import SawyerReachV3Policy
 
 PREFIX = "hidden-reach-"
 #: Region centre per axis word (metres, Meta-World's frame).
@@ -83,8 +83,8 @@ class HiddenGoalReach(gym.Wrapper):
 
     def __init__(self, task: str, seed: int = 0, **kwargs: Any) -> None:
         # The raw env, not make_mt_envs: its 50 preset goals take 0.8 s to build, and we set the goal.
-        reach = metaworld.ALL_V3_ENVIRONMENTS["reach-v3"](**kwargs)
-        super().__init__(gym.wrappers.TimeLimit(reach, EPISODE_STEPS))
+        self.reach = metaworld.ALL_V3_ENVIRONMENTS["reach-v3"](**kwargs)
+        super().__init__(gym.wrappers.TimeLimit(self.reach, EPISODE_STEPS))
         self.task, self.seed, self.centre = task, seed, CENTRES[task]
         self._rng = np.random.default_rng([seed, 0])
         self.goal = self.centre.copy()
@@ -92,9 +92,8 @@ class HiddenGoalReach(gym.Wrapper):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
         rng = self._rng if seed is None else np.random.default_rng([self.seed, 1, seed])
         self.goal = self.centre + rng.uniform(-JITTER, JITTER, size=3)
-        inner = self.env.unwrapped
-        data = {"env_cls": type(inner), "rand_vec": np.r_[PUCK, self.goal], "partially_observable": True}
-        inner.set_task(metaworld.Task(env_name="reach-v3", data=pickle.dumps(data)))
+        data = {"env_cls": type(self.reach), "rand_vec": np.r_[PUCK, self.goal], "partially_observable": True}
+        self.reach.set_task(metaworld.Task(env_name="reach-v3", data=pickle.dumps(data)))
         return self.env.reset(options=options)
 
 
@@ -104,7 +103,7 @@ def make_env(task: str, seed: int = 0, **kwargs: Any) -> HiddenGoalReach:
 
 def _aimed(goal: Callable[[], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
     """Meta-World's scripted reach expert, heading for ``goal()`` instead of the observed goal."""
-    policy = ENV_POLICY_MAP["reach-v3"]()
+    policy = SawyerReachV3Policy()
 
     def act(obs: np.ndarray) -> np.ndarray:
         seen = np.array(obs, dtype=np.float64)

@@ -19,9 +19,9 @@ test the same checkpoints differently (e.g. paraphrased prompts): the i-th resul
 glob order) must name the same checkpoint, and the paired t-test replaces Welch's.
 
 ``report.json`` also holds a two-level 95% bootstrap interval (seeds, then episodes), a description only,
-shown in the markdown where an arm has one seed. Only the tasks that every results JSON holds are
-compared. Writes ``report.md``, ``report.json`` (values in the metric's units: success as a fraction)
-and ``report.png`` (the paper's Figure 2 style: one bar per arm and task, error bars = std over seeds).
+shown in the markdown where an arm has one seed, and the commits that trained the checkpoints (a warning
+names them when they differ). Only the tasks of every results JSON are compared; the rest are named.
+Writes ``report.md``, ``report.json`` (success as a fraction) and ``report.png`` (Figure 2 style).
 """
 
 from __future__ import annotations
@@ -224,8 +224,7 @@ def bar_chart(table: dict[str, Any], arms: Sequence[str], title: str, metric: Me
     from matplotlib.figure import Figure  # no pyplot: no backend is chosen for the user
 
     tasks, width, scale = [t for t in table if not t.startswith("mean ")], 0.8 / len(arms), SCALE[metric]
-    fig = Figure(figsize=(1.6 * len(tasks) + 2, 3.5))
-    ax = fig.subplots()
+    ax = (fig := Figure(figsize=(1.6 * len(tasks) + 2, 3.5))).subplots()
     for i, name in enumerate(arms):
         means = [scale * table[t][name]["mean"] for t in tasks]
         stds = [scale * (table[t][name]["std"] or 0.0) for t in tasks]
@@ -244,8 +243,7 @@ def bar_chart(table: dict[str, Any], arms: Sequence[str], title: str, metric: Me
 
 
 def training_commits(arms: dict[str, Arm]) -> dict[str, list[str]]:
-    """Commit that trained each results JSON's checkpoint (``meta.train_commit``) → the JSONs; a JSON that
-    does not record it is listed under ``unrecorded (tested at <meta.commit>)``."""
+    """The commit that trained each results JSON's checkpoint (``meta.train_commit``) → those JSONs."""
     commits: dict[str, list[str]] = {}
     for path in (p for arm in arms.values() for p in arm):
         meta = json.loads(Path(path).read_text())["meta"]
@@ -263,15 +261,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="the tested checkpoint (last), or the best evaluation during fit (best)")  # fmt: skip
     p.add_argument("--protocol", default="results", help="the protocol's label, in every table")
     p.add_argument("--out", type=Path, default=Path("report"), help="folder of report.{md,json,png}")
-    p.add_argument("--paired", action="store_true",
-                   help="the arms test the same checkpoints: compare them seed by seed")  # fmt: skip
+    p.add_argument("--paired", action="store_true", help="the arms test the same checkpoints: seed by seed")
     p.add_argument("--effect", type=float, default=10.0,
                    help="the difference that matters, in the table's units (points): it sets the verdict "
                         "'inconclusive' against 'no effect at this power', and the seeds needed")  # fmt: skip
     args = p.parse_args(argv)
     if not args.effect > 0:
-        raise ConfigError("--effect", "must be > 0 (the difference that matters, in the table's units)",
-                          args.effect)  # fmt: skip
+        raise ConfigError("--effect", "must be > 0 (the difference that matters, in points)", args.effect)
     arms = {name: load_arm(pattern, args.select) for name, pattern in args.arm}
     if args.baseline is not None and args.baseline not in arms:
         p.error(f"--baseline {args.baseline!r} is not an --arm ({sorted(arms)})")
@@ -280,6 +276,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                        for name, arm in arms.items()}  # fmt: skip
         if len({tuple(c) for c in checkpoints.values()}) > 1 or None in next(iter(checkpoints.values())):
             p.error(f"--paired needs the same checkpoints in every arm, in glob order; got {checkpoints}")
+    tasks = [set(seed) for arm in arms.values() for seed in arm.values()]
+    every = tasks[0].intersection(*tasks[1:])
+    dropped = sorted(tasks[0].union(*tasks[1:]) - every)
+    if not every:
+        raise ConfigError("--arm", "the results JSONs share no task: nothing to compare", dropped)
+    if dropped:
+        print(f"note: tasks not in every results JSON are left out: {dropped}", file=sys.stderr)
     if len(commits := training_commits(arms)) > 1:
         print(f"warning: the arms were trained at {len(commits)} commits: {sorted(commits)}", file=sys.stderr)
     metric = metric_of(arms)
@@ -288,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = markdown(table, list(arms), args.protocol, metric, args.select, args.effect, args.paired)
     data = {"protocol": args.protocol, "select": args.select, "metric": metric, "alpha": ALPHA,
             "power": POWER, "effect": effect, "arms": {n: list(a) for n, a in arms.items()},
-            "train_commits": commits, "tasks": table}  # fmt: skip
+            "train_commits": commits, "dropped_tasks": dropped, "tasks": table}  # fmt: skip
     atomic_write(args.out / "report.json", json.dumps(data, indent=2).encode())
     atomic_write(args.out / "report.md", (text + "\n").encode())
     png = bar_chart(table, list(arms), f"{args.protocol} ({args.select})", metric)

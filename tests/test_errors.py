@@ -91,6 +91,21 @@ def test_an_unknown_task_is_one_line_with_close_matches(
     assert line.endswith("(got ['reach', 'box-clos'])")
 
 
+def test_a_typo_in_a_prompt_override_is_one_line_with_close_matches(
+    model_data: ModelData, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = write_config(tmp_path / "config.yaml", model_data, tmp_path)
+    text = "{task: Box, objective: Close it., constraints: Gently.}"
+    line = _fails(["fit", "--config", str(config), "--data.prompts", f"{{box-clsoe: {text}}}"], capsys)
+    assert line.startswith("error: data.prompts: unknown task 'box-clsoe'. Did you mean 'box-close'")
+    assert _tree(tmp_path) == {"config.yaml"}
+    with caplog.at_level(logging.WARNING):  # a real task that is not in this run: its text is unused
+        main(["fit", "--config", str(config), "--data.prompts", f"{{door-lock: {text}}}",
+              "--trainer.max_steps", "2"])  # fmt: skip
+    assert "data.prompts: ['door-lock'] are not tasks of this run; their texts are unused" in caplog.text
+
+
 def test_llmdpd_debug_shows_the_traceback(model_data: ModelData, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setenv("LLMDPD_DEBUG", "1")

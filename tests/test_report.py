@@ -149,7 +149,8 @@ def test_arms_trained_at_different_commits_are_named_in_one_warning(
     main(["report", "--arm", "both", str(tmp_path / "both_seed*.json"), "--arm", "none",
           str(tmp_path / "none_seed*.json"), "--out", str(out)])  # fmt: skip
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert "3 commits" in line and "a" * 40 in line and "b" * 40 in line and "unrecorded (tested at ccc" in line
+    assert "3 commits" in line and "a" * 40 in line and "b" * 40 in line
+    assert "unrecorded (tested at ccc" in line
     commits = json.loads((out / "report.json").read_text())["train_commits"]
     assert commits["a" * 40] == [str(tmp_path / f"both_seed{i}.json") for i in (0, 1)]
     main(["report", "--arm", "both", str(tmp_path / "both_seed[01].json"), "--out", str(out)])
@@ -190,6 +191,26 @@ def test_only_the_tasks_every_arm_ran_are_compared(tmp_path: Path) -> None:
     table = summarize({"a": a, "b": b}, baseline="b")
     assert list(table) == ["box-close", "mean unseen"]
     assert table["box-close"]["a - b"]["difference"] == pytest.approx(0.6)
+
+
+def test_dropped_tasks_are_named_and_arms_sharing_no_task_are_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = str(_results(tmp_path / "a.json", {"reach": 50, "box-close": 40}))
+    b = str(_results(tmp_path / "b.json", {"box-close": 10}))
+    out = tmp_path / "report"
+    main(["report", "--arm", "a", a, "--arm", "b", b, "--out", str(out)])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: tasks not in every results JSON are left out: ['reach']"]
+    assert json.loads((out / "report.json").read_text())["dropped_tasks"] == ["reach"]
+    c = str(_results(tmp_path / "c.json", {"push": 10}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--arm", "b", b, "--arm", "c", c, "--out", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().endswith("error: --arm: the results JSONs share no task: nothing to compare "
+                                "(got ['box-close', 'push'])")  # fmt: skip
+    assert not (tmp_path / "none").exists()
 
 
 HOPPER = REFERENCES["hopper"]

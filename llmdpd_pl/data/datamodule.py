@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -28,6 +29,8 @@ from llmdpd_pl.envs import split_overlap
 from llmdpd_pl.errors import ConfigError, at_least
 from llmdpd_pl.suites import check_tasks, dims
 from llmdpd_pl.task_bank import TaskPrompts
+
+log = logging.getLogger(__name__)
 
 
 class PromptedOfflineDataModule(L.LightningDataModule):
@@ -112,6 +115,9 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         self.dataset_id = dataset_id
         self.llm = llm or LLMSpec()
         self.cache_dir = cache_dir
+        check_tasks(prompts or {}, "data.prompts")  # a typo is an error, with the close matches
+        if unused := [t for t in prompts or {} if t not in self.task_names]:
+            log.warning("data.prompts: %s are not tasks of this run; their texts are unused", unused)
         self.prompts = load_prompts(prompts)
         missing = [t for t in self.task_names if t not in self.prompts]
         if missing:

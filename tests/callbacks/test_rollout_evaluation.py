@@ -260,7 +260,8 @@ def test_llmdpd_test_end_to_end(
     assert data["meta"]["train_commit"] == segment["commit"] == commit  # trained and tested by this checkout
     assert segment["config"]["model"]["hidden_dim"] == 32 and segment["model_seed"] == 0
     assert segment["versions"]["torch"].startswith(torch.__version__.split("+")[0])
-    assert set(segment["versions"]) == {"torch", "lightning", "metaworld", "transformers", "gymnasium", "mujoco"}
+    assert set(segment["versions"]) == {"torch", "lightning", "metaworld", "transformers", "gymnasium",
+                                        "mujoco"}  # fmt: skip
     assert "videos" not in data and not (tmp_path / "videos").exists()  # --videos 0 overrides the config
 
 
