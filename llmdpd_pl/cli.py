@@ -111,11 +111,12 @@ EVALUATION_KEYS = frozenset({"action_selection", "n_action_candidates", "compile
 
 
 def reconcile_with_checkpoint(
-    given: dict[str, Any], trained: dict[str, Any]
+    given: dict[str, Any], trained: dict[str, Any], resume: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
-    """``model`` values for ``llmdpd test``: the checkpoint's, except evaluation keys, which are the given
-    ones. Returns them and one note per key whose given value differs from the checkpoint's; a
-    :class:`ConfigError` names the first architecture key that differs."""
+    """``model`` values for ``llmdpd test`` (the checkpoint's, except evaluation keys, which are the given
+    ones) or for resuming ``llmdpd fit`` (``resume``: the given ones). Returns them and one note per key
+    whose given value differs from the checkpoint's; a :class:`ConfigError` names the first architecture
+    key that differs."""
     values, notes = dict(trained), []
     for key, value in given.items():
         if value is None or key not in trained or trained[key] == value:
@@ -125,9 +126,10 @@ def reconcile_with_checkpoint(
             raise ConfigError(f"model.{key}", f"the checkpoint's is {trained[key]!r}, and a checkpoint's "
                               "architecture is fixed: match it in the config and --model.*, or train anew",
                               value)  # fmt: skip
-        if key in EVALUATION_KEYS:
+        if resume or key in EVALUATION_KEYS:
             values[key] = value
-            notes.append(f"{line}; applied (it changes only how the trained policy acts)")
+            notes.append(f"{line}; applied from this resume on" if resume
+                         else f"{line}; applied (it changes only how the trained policy acts)")
         else:
             notes.append(f"{line}; not used by llmdpd test (a training setting)")
     return values, notes
@@ -158,8 +160,8 @@ class LLMDPDCLI(LightningCLI):
         super().parse_arguments(parser, args)
         if subcommand := self.config.get("subcommand"):
             preflight(subcommand, self.config[subcommand].clone().as_dict())  # before any work
-        if subcommand == "test":
-            self._given_model = self.config.test.model.clone().as_dict()
+        if subcommand in ("test", "fit"):  # before the checkpoint's hyperparameters replace them
+            self._given_model = self.config[subcommand].model.clone().as_dict()
 
     def before_instantiate_classes(self) -> None:
         torch.set_float32_matmul_precision(self._get(self.config, "float32_matmul_precision"))
@@ -176,6 +178,28 @@ class LLMDPDCLI(LightningCLI):
                 self.config.test.model[key] = values[key]
             for note in notes:
                 print(note, file=sys.stderr)
+
+        if self.config.get("subcommand") == "fit" and self.config.fit.get("ckpt_path"):
+            self._resume(torch.load(self.config.fit.ckpt_path, map_location="cpu", weights_only=True))
+
+    def _resume(self, trained: dict[str, Any]) -> None:
+        """Resuming fit: a changed architecture key is an error; any other changed ``model`` value applies,
+        with a note; a changed learning rate is an error (the optimizers' states are restored)."""
+        hparams = trained.get("hyper_parameters", {})
+        values, notes = reconcile_with_checkpoint(self._given_model, hparams, resume=True)
+        for key, value in values.items():
+            if key in self._given_model:
+                self.config.fit.model[key] = value
+        for i, name in enumerate(("critic_optimizer", "actor_optimizer")):  # configure_optimizers' order
+            given = (self._given_model.get(name) or {}).get("init_args", {}).get("lr")
+            groups = trained.get("optimizer_states", [{}] * 2)[i].get("param_groups", [{}])
+            restored = groups[0].get("initial_lr", groups[0].get("lr"))
+            if given is not None and restored is not None and given != restored:
+                raise ConfigError(f"model.{name}.init_args.lr", f"the checkpoint's is {restored}; resuming "
+                                  "restores the optimizer's state, its learning rate included: train anew to "
+                                  "change it", given)  # fmt: skip
+        for note in notes:
+            print(note, file=sys.stderr)
 
     def before_fit(self) -> None:
         """Every checkpoint records the training commit, config, seeds and package versions."""

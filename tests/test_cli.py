@@ -82,6 +82,34 @@ def test_fit_writes_checkpoint_and_resumes(model_data: ModelData, tmp_path: Path
     assert first["versions"]["lightning"] == second["versions"]["lightning"] is not None
 
 
+def test_resume_applies_changed_training_values_and_refuses_the_rest(
+    model_data: ModelData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "input.yaml", model_data, tmp_path)
+    main(["fit", "--config", str(config)])
+    (first,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    capsys.readouterr()
+    resume = ["fit", "--config", str(config), "--ckpt_path", str(first), "--trainer.max_steps", "10"]
+    main([*resume, "--model.eta", "3.0", "--model.gamma", "0.5", "--trainer.default_root_dir",
+          str(tmp_path / "r")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "model.eta: given 3.0, the checkpoint's is 1.0; applied from this resume on" in err
+    assert "model.gamma: given 0.5, the checkpoint's is 0.99; applied from this resume on" in err
+    (resumed,) = (tmp_path / "r" / "checkpoints").glob("*.ckpt")
+    hparams = _load(resumed)["hyper_parameters"]
+    assert (hparams["eta"], hparams["gamma"]) == (3.0, 0.5)
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())  # what config.yaml records
+    assert (saved["model"]["eta"], saved["model"]["gamma"]) == (3.0, 0.5)
+    lr = "model.actor_optimizer.init_args.lr"
+    for override, key in ((["--model.hidden_dim", "128"], "model.hidden_dim"), ([f"--{lr}", "0.1"], lr)):
+        with pytest.raises(SystemExit) as exit_:
+            main([*resume, *override, "--trainer.default_root_dir", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith(f"error: {key}: the checkpoint's is ")
+        assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("override", [["--model.prompts", "trajectory"], ["--model.prompts", "none"],
                                       ["--model.text_source", "random"]])
 def test_ablations_are_config_only(model_data: ModelData, tmp_path: Path, override: list[str]) -> None:
