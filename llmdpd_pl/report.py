@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if dropped:
         print(f"note: tasks not in every results JSON are left out: {dropped}", file=sys.stderr)
     if len(commits := training_commits(arms)) > 1:
-        print(f"warning: the arms were trained at {len(commits)} commits: {sorted(commits)}", file=sys.stderr)
+        print(f"warning: the checkpoints are from {len(commits)} commits: {sorted(commits)}", file=sys.stderr)
     metric = metric_of(arms)
     effect = args.effect / SCALE[metric]
     table = summarize(arms, args.baseline, args.paired, effect)
