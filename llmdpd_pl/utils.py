@@ -34,6 +34,7 @@ def atomic_write(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place; return the path.
 
     Readers see the old file or the new one, never a partial one, and a failed write leaves no file behind.
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), not ``mkstemp``'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +42,9 @@ def atomic_write(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,16 @@ def test_atomic_write_failure_leaves_the_old_file_and_no_temporary(tmp_path: Pat
         atomic_write(path, "not bytes")  # type: ignore[arg-type]
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["c.bin"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_write_respects_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        path = atomic_write(tmp_path / "shared.json", b"{}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
 
 
 def test_derive_seed_is_pinned() -> None:
