@@ -21,8 +21,10 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import queue as queue_module
 import shutil
-import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -43,6 +45,8 @@ from llmdpd_pl.data.spec import (
     is_complete,
     minari_datasets_path,
     read_metadata,
+    remove_stale_staging,
+    staging_folder,
 )
 from llmdpd_pl.envs import check_task_names
 from llmdpd_pl.errors import check_writable
@@ -94,6 +98,23 @@ def _run_episode(
     return buffer, stats
 
 
+_PROGRESS: Any = None  # a worker's queue of finished-episode counts, set by _init_worker
+
+
+def _init_worker(parent: int, progress: Any) -> None:
+    """A collection worker: report progress on ``progress``, and exit as soon as ``parent`` has died
+    (killed, even by SIGKILL), instead of writing on for a run that no longer exists."""
+    global _PROGRESS
+    _PROGRESS = progress
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
     """Collect one (task, kind) dataset into a staging folder, then move it into place."""
     import minari
@@ -114,11 +135,11 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
             buffer, stats = _run_episode(env, expert, level, rng, spec.max_episode_steps)
             buffers.append(buffer)
             episodes.append({"task": task, "level": name, "env_seed": env_seed, "index": i, **stats})
-            if progress is not None:
-                progress.put(1)
+            if (queue := progress or _PROGRESS) is not None:
+                queue.put(1)
     root = Path(spec.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    staging = staging_folder(root)
     try:
         with minari_datasets_path(staging), warnings.catch_warnings():
             # The project has no contact address beyond its code permalink, which is recorded.
@@ -221,6 +242,8 @@ def collect(
     todo = [job for job in wanted if not _reusable(spec, job)]
     if todo:
         check_writable("data.dataset.root", spec.root)  # before any episode is run
+        if stale := remove_stale_staging(Path(spec.root)):
+            log.warning("collect: removed %d staging folders of runs that died: %s", len(stale), stale)
     total = sum(sum(lv.episodes for lv in spec.levels_for(j.kind, j.task).values()) for j in todo)
     if todo:
         bar = tqdm(
@@ -232,9 +255,10 @@ def collect(
                 bar.update(sum(lv.episodes for lv in spec.levels_for(job.kind, job.task).values()))
         else:
             ctx = mp.get_context("spawn")
-            with ctx.Manager() as manager, ProcessPoolExecutor(min(spec.workers, len(todo)), ctx) as pool:
-                queue = manager.Queue()
-                futures = [pool.submit(_collect_job, job, queue) for job in todo]
+            queue = ctx.Queue()
+            with ProcessPoolExecutor(min(spec.workers, len(todo)), ctx, initializer=_init_worker,
+                                     initargs=(os.getpid(), queue)) as pool:  # fmt: skip
+                futures = [pool.submit(_collect_job, job) for job in todo]
                 done = 0
                 while done < total:
                     if any(f.done() and f.exception() is not None for f in futures):
@@ -242,7 +266,7 @@ def collect(
                     try:
                         done += queue.get(timeout=1.0)
                         bar.update(1)
-                    except Exception:  # queue.Empty through the manager proxy
+                    except queue_module.Empty:
                         continue
                 for f in futures:
                     f.result()  # re-raise a worker's error here

@@ -33,6 +33,7 @@ from llmdpd_pl.data.spec import (
     minari_datasets_path,
     read_metadata,
     recipe_record,
+    staging_folder,
 )
 from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.locomotion import is_gym_env, make_locomotion, reference
@@ -142,7 +143,7 @@ def _publish(
     import minari
 
     ref = reference(env.spec.id)  # type: ignore[union-attr]
-    staging, rows = Path(tempfile.mkdtemp(prefix=".staging-", dir=root)), list[dict[str, Any]]()
+    staging, rows = staging_folder(root), list[dict[str, Any]]()
     try:
         with minari_datasets_path(staging):
             for dataset_id, kind, level, episodes in datasets:

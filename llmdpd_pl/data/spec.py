@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -182,6 +184,33 @@ def minari_datasets_path(folder: Path) -> Iterator[None]:
     finally:
         os.environ.pop("MINARI_DATASETS_PATH")
         os.environ.update({} if previous is None else {"MINARI_DATASETS_PATH": previous})
+
+
+def staging_folder(root: Path) -> Path:
+    """A new staging folder under ``root``, named after this process (``.staging-<pid>-<random>``), so that
+    :func:`remove_stale_staging` can tell a dead run's leftovers from a live run's work."""
+    return Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=root))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(root: Path) -> list[str]:
+    """Remove the staging folders under ``root`` whose process has died; return their names."""
+    stale = []
+    for folder in sorted(root.glob(".staging-*")) if root.is_dir() else []:
+        pid = folder.name.removeprefix(".staging-").split("-")[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            stale.append(folder.name)
+    return stale
 
 
 def recipe_record(env_id: str, sac: SACRecipe, seed: int, prompt_episodes: int) -> dict[str, Any]:

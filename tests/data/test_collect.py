@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -309,6 +312,104 @@ def test_kill_9_never_leaves_a_dataset_that_passes_as_complete(tmp_path: Path, m
     assert is_complete(spec, "reach", "train")
     assert rows[0]["episodes"] == 100 and rows[0]["transitions"] == 500
     assert len(read_metadata(final)["episodes"]) == 100
+
+
+def test_staging_folders_of_dead_runs_are_removed_with_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "minari"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    (root / f".staging-{dead}-abc" / "llmdpd").mkdir(parents=True)  # left by a run that has died
+    (root / ".staging-old").mkdir()  # a name without a pid: from a dead run too
+    (root / f".staging-{os.getpid()}-live").mkdir()  # a live run's (this process's) work in progress
+    spec = DatasetSpec(root=str(root), workers=1, **_KILL_SPEC)
+    with caplog.at_level(logging.WARNING):
+        _quiet_collect(spec, ["reach"], [])
+    (line,) = [r.getMessage() for r in caplog.records if "staging" in r.getMessage()]
+    assert line == ("collect: removed 2 staging folders of runs that died: "
+                    f"['.staging-{dead}-abc', '.staging-old']")
+    assert sorted(p.name for p in root.glob(".staging-*")) == [f".staging-{os.getpid()}-live"]
+
+
+_PARENT_SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings
+    warnings.filterwarnings("ignore")
+    from llmdpd_pl.data.collect import collect
+    from llmdpd_pl.data.spec import DatasetSpec, QualityLevel
+    spec = DatasetSpec(root=sys.argv[1], levels={"expert": QualityLevel(2000, 0.1)}, prompt_episodes=1,
+                       max_episode_steps=50, workers=2)
+    collect(spec, ["reach", "push"], [], progress=False)
+    """
+)
+
+
+def _children(pid: int) -> list[int]:
+    """The live (not zombie) processes whose parent is ``pid``, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("signal_", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_exit_when_the_collector_dies(tmp_path: Path, signal_: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _PARENT_SCRIPT, str(tmp_path / "minari")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(workers := _children(proc.pid)) < 2 and time.monotonic() < deadline:  # the pool's workers
+        time.sleep(0.1)
+    assert len(workers) >= 2 and proc.poll() is None, "the workers never started"
+    proc.send_signal(signal_)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "a worker outlived its parent"
+    assert not list((tmp_path / "minari").glob("llmdpd/*/train-v0"))  # 2000 episodes each: none finished
+
+
+_MIDDLE_SCRIPT = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    child = "import sys, time; from llmdpd_pl.data.collect import _init_worker; "
+    child += "_init_worker(int(sys.argv[1]), None); print('ready', flush=True); time.sleep(60)"
+    worker = subprocess.Popen([sys.executable, "-c", child, str(os.getpid())], stdout=subprocess.PIPE,
+                              text=True)
+    assert worker.stdout.readline().strip() == "ready"
+    print(worker.pid, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_worker_exits_within_a_second_of_its_parents_death() -> None:
+    """A collection worker busy with a long job (here: sleeping) notices its parent's SIGKILL."""
+    parent = subprocess.Popen([sys.executable, "-c", _MIDDLE_SCRIPT], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    worker = int(parent.stdout.readline())  # once the worker has started its watch
+    assert _alive(worker)
+    parent.kill()
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 5
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker), "the worker outlived its parent"
 
 
 # ----------------------------------------------------------------------------------------------- bad input
