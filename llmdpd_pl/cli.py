@@ -243,8 +243,9 @@ def build_cli(args: list[str] | None = None) -> LLMDPDCLI:
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``llmdpd``; tests call ``main(["fit", "--config", ...])`` in-process.
 
-    ``llmdpd report`` (:mod:`llmdpd_pl.report`) summarises results JSONs; the other subcommands are
-    LightningCLI's.
+    ``llmdpd report`` (:mod:`llmdpd_pl.report`) summarises results JSONs, ``llmdpd export``
+    (:mod:`llmdpd_pl.export`) writes a checkpoint's policy as safetensors and JSON; the other subcommands
+    are LightningCLI's.
     """
     argv = sys.argv[1:] if args is None else args
     quiet_known_noise()
@@ -253,6 +254,10 @@ def main(args: list[str] | None = None) -> None:
             from llmdpd_pl.report import main as report
 
             return report(argv[1:])
+        if argv[:1] == ["export"]:
+            from llmdpd_pl.export import main as export
+
+            return export(argv[1:])
         build_cli(args)
 
 

@@ -16,8 +16,8 @@ LAYERS = [
     ["data.prompts", "data.embeddings", "data.spec", "data.collect", "data.sac", "data.batches",
      "data.loading", "data.datamodule"],
     ["objectives", "module", "callbacks.ema", "callbacks.provenance"],
-    ["rollouts", "acting", "video", "prompt_matrix", "callbacks.rollout_evaluation"],
-    ["report"],
+    ["rollouts", "acting", "video", "prompt_matrix", "callbacks.rollout_evaluation", "pretrained"],
+    ["report", "export"],
     ["cli", "preflight"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
