@@ -1,7 +1,10 @@
 """Actor EMA: an ``AveragedModel`` of the policy and its prompt encoders (not the critics, not the LLM).
 
-Diffusion-QL draws its Q-target actions from this EMA actor, and evaluates with it. Before ``start``
-updates the EMA is a plain copy of the policy; afterwards every ``every`` updates
+Diffusion-QL draws its Q-target actions from its EMA actor; so does this module. Two departures from the
+official Diffusion-QL code (``docs/decisions.md``, "Departures"): acting (``llmdpd test``) draws its
+candidate actions from this EMA actor, where Diffusion-QL's ``sample_action`` uses the online actor; and
+before ``start`` updates the EMA is a plain copy of the policy, where Diffusion-QL's ``step_ema`` returns
+early and leaves its EMA at its initial copy. Afterwards every ``every`` updates
 θ_EMA ← decay·θ_EMA + (1 − decay)·θ. The update count is the module's own ``updates`` counter, not
 Lightning's ``global_step`` (which counts both optimizers' steps). The averaged weights are saved in the
 checkpoint and restored on resume. After every write it calls ``pl_module.ema_updated()``, so the module
@@ -24,7 +27,8 @@ class ActorEMA(L.Callback):
 
     Args:
         decay: EMA decay (Diffusion-QL: 0.995).
-        start: Updates before averaging begins; until then the EMA copies the policy (Diffusion-QL: 1000).
+        start: Updates before averaging begins; until then the EMA copies the policy (Diffusion-QL also
+            waits 1000 updates, but keeps its EMA at the initial copy meanwhile).
         every: Average every ``every`` updates (Diffusion-QL: 5).
     """
 
