@@ -138,7 +138,9 @@ def reconcile_with_checkpoint(
 class LLMDPDCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "collect": {"model", "datamodule"}}
+        """The subcommands a user runs here (``validate`` and ``predict`` have nothing to do)."""
+        lightning = LightningCLI.subcommands()
+        return {"collect": {"model", "datamodule"}, "fit": lightning["fit"], "test": lightning["test"]}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         for attr in ("obs_dim", "act_dim", "text_embed_dim"):
@@ -228,6 +230,16 @@ class LLMDPDCLI(LightningCLI):
                 print(cb.json_path)
 
 
+DESCRIPTION = (
+    "Train one offline-RL diffusion policy on many tasks, conditioned on text and trajectory prompts "
+    "(LLM-Driven Policy Diffusion), and test it on tasks it never trained on. Subcommands: collect (build "
+    "the config's datasets, embed its text prompts), fit (train; --ckpt_path resumes), test (roll out a "
+    "checkpoint; writes a results JSON), report (results JSONs over seeds and arms: tables, verdicts, plot; "
+    "llmdpd report --help), export (a checkpoint's policy as safetensors + JSON for llmdpd_pl.load_policy; "
+    "llmdpd export --help)."
+)
+
+
 def build_cli(args: list[str] | None = None) -> LLMDPDCLI:
     """Parse ``args`` (``sys.argv`` if None), instantiate, and run the subcommand."""
     return LLMDPDCLI(
@@ -235,7 +247,8 @@ def build_cli(args: list[str] | None = None) -> LLMDPDCLI:
         PromptedOfflineDataModule,
         trainer_class=LLMDPDTrainer,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},  # main() prints parser errors as one line
+        parser_kwargs={"exit_on_error": False,  # main() prints parser errors as one line
+                       "description": DESCRIPTION},  # fmt: skip
         args=args,
     )
 

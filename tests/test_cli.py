@@ -82,6 +82,14 @@ def test_fit_writes_checkpoint_and_resumes(model_data: ModelData, tmp_path: Path
     assert first["versions"]["lightning"] == second["versions"]["lightning"] is not None
 
 
+def test_help_says_what_the_tool_is_and_lists_what_a_user_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "{collect,fit,test}" in out and "LLM-Driven Policy Diffusion" in out
+    assert "report (" in out and "export (" in out and "Lightning Trainer command line tool" not in out
+
+
 def test_resume_applies_changed_training_values_and_refuses_the_rest(
     model_data: ModelData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
