@@ -1,4 +1,4 @@
-"""The ``llmdpd`` command: ``fit | validate | test | collect`` through one LightningCLI.
+"""The ``llmdpd`` command: ``collect | fit | test`` through one LightningCLI, and ``report | export``.
 
 ``llmdpd collect --config C`` builds the config's datasets and embeds its prompts
 (``PromptedOfflineDataModule.prepare_data``) without training. Dimensions are declared once, on the

@@ -59,7 +59,7 @@ def preflight(subcommand: str, config: dict[str, Any]) -> None:
     ``collect``, the log dirs and the results JSON's folder.
 
     Args:
-        subcommand: ``fit``, ``validate``, ``test`` or ``collect``.
+        subcommand: ``collect``, ``fit`` or ``test``.
         config: The subcommand's parsed config, as a dict (not yet instantiated).
     """
     if ckpt_path := config.get("ckpt_path"):
