@@ -40,7 +40,7 @@ from llmdpd_pl.pretrained import (
     init_args,
 )
 from llmdpd_pl.rollouts import TaskResult, format_results
-from llmdpd_pl.utils import git_commit
+from llmdpd_pl.utils import git_commit, umask
 
 CARD = "README.md"
 
@@ -127,9 +127,7 @@ def write_folder(out: Path, files: Mapping[str, bytes], key: str = "out") -> Pat
     try:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # a plain mkdir's mode, not mkdtemp's 0700
+        os.chmod(tmp, 0o777 & ~umask())  # a plain mkdir's mode, not mkdtemp's 0700
         if out.exists():
             old = tmp.with_suffix(".old")
             os.replace(out, old)
