@@ -41,7 +41,7 @@ def act_conditioned(
 
     ``model.action_selection`` picks the mode of ``PromptedPolicy.select_action``: ``q_softmax`` scores
     ``n_action_candidates`` per state with the target critics (conditioned on ``critic_z``); ``sample``
-    draws one reverse chain.
+    draws one reverse chain. ``model.guidance`` w ≠ 1 samples with classifier-free guidance.
     """
     q_softmax = module.hparams["action_selection"] == "q_softmax"
     return module.ema_policy.select_action(
@@ -51,6 +51,7 @@ def act_conditioned(
         critic=module.critic_target if q_softmax else None,
         critic_z=critic_z,
         n_candidates=module.hparams["n_action_candidates"] if q_softmax else 1,
+        guidance=module.hparams["guidance"],
     )
 
 

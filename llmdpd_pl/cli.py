@@ -104,10 +104,12 @@ class LLMDPDTrainer(L.Trainer):
 ARCHITECTURE_KEYS = frozenset({
     "obs_dim", "act_dim", "text_embed_dim", "traj_prompt_len", "prompts", "text_source", "text_seed",
     "prompt_dim", "n_diffusion_steps", "beta_schedule", "hidden_dim", "traj_d_model", "traj_layers",
-    "traj_heads",
+    "traj_heads", "conditioning",
 })  # fmt: skip
+#: ``model`` keys whose value may change, but not whether it is 0: a lever that adds parameters when on.
+SWITCH_KEYS = frozenset({"prompt_dropout", "align_weight"})
 #: ``model`` keys that only change how a trained policy acts: ``llmdpd test`` applies the given value.
-EVALUATION_KEYS = frozenset({"action_selection", "n_action_candidates", "compile"})
+EVALUATION_KEYS = frozenset({"action_selection", "n_action_candidates", "compile", "guidance"})
 
 
 def reconcile_with_checkpoint(
@@ -122,6 +124,9 @@ def reconcile_with_checkpoint(
         if value is None or key not in trained or trained[key] == value:
             continue
         line = f"model.{key}: given {value!r}, the checkpoint's is {trained[key]!r}"
+        if resume and key in SWITCH_KEYS and bool(value) != bool(trained[key]):
+            raise ConfigError(f"model.{key}", f"the checkpoint's is {trained[key]!r}; turning this lever on "
+                              "or off changes the architecture: train anew", value)  # fmt: skip
         if key in ARCHITECTURE_KEYS:
             raise ConfigError(f"model.{key}", f"the checkpoint's is {trained[key]!r}, and a checkpoint's "
                               "architecture is fixed: match it in the config and --model.*, or train anew",

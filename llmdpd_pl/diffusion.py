@@ -47,6 +47,16 @@ def extract(coef: Tensor, k: Tensor, x_shape: torch.Size | tuple[int, ...]) -> T
     return out.reshape(k.shape[0], *((1,) * (len(x_shape) - 1)))
 
 
+def guided_eps(eps_cond: Tensor, eps_uncond: Tensor, w: float) -> Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): ``eps~ = eps(a_k, k, s, null) + w (eps(a_k, k, s, z)
+    - eps(a_k, k, s, null))``.
+
+    w = 1 is the conditional prediction, w = 0 the unconditional one, w > 1 extrapolates away from the
+    unconditional. (B, A), (B, A) → (B, A).
+    """
+    return torch.lerp(eps_uncond, eps_cond, w)
+
+
 class GaussianDiffusion(nn.Module):
     """DDPM forward/reverse process over actions with x̂₀ clipping (Diffusion-QL's ``Diffusion``).
 
@@ -266,6 +276,7 @@ __all__ = [
     "GaussianDiffusion",
     "ScheduleName",
     "extract",
+    "guided_eps",
     "linear_beta_schedule",
     "vp_beta_schedule",
 ]

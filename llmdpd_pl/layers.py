@@ -75,6 +75,14 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat((arg.sin(), arg.cos()), dim=-1)  # (B, dim)
 
 
+def film(h: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """FiLM (Perez et al. 2018): ``FiLM(h) = (1 + gamma) * h + beta``, gamma and beta computed from z.
+
+    Written about 1, so that zero-initialised gamma and beta leave ``h`` unchanged. (B, H) each → (B, H).
+    """
+    return torch.addcmul(beta, h, 1.0 + gamma)
+
+
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: type[nn.Module]) -> nn.Sequential:
     """``Linear(in, h_1), act, ..., Linear(h_{n-1}, h_n), act, Linear(h_n, out)``.
 
@@ -130,4 +138,4 @@ class StackedLinear(nn.Module):
         return f"n_heads={self.n_heads}, in_dim={self.in_dim}, out_dim={self.out_dim}"
 
 
-__all__ = ["Mish", "SinusoidalPosEmb", "StackedLinear", "check_last_dim", "mish", "mlp"]
+__all__ = ["Mish", "SinusoidalPosEmb", "StackedLinear", "check_last_dim", "film", "mish", "mlp"]

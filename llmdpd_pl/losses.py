@@ -162,6 +162,29 @@ def actor_loss(bc_loss: Tensor, q_term: Tensor, eta: float) -> Tensor:
     return bc_loss + eta * q_term
 
 
+def info_nce(u: Tensor, v: Tensor, temperature: float = 0.1) -> Tensor:
+    """The symmetric InfoNCE loss (CLIP; T2DA's text–trajectory alignment) between paired rows.
+
+    ``L = -1/(2T) sum_i [log softmax_j(S_ij)_i + log softmax_j(S_ji)_i]``, ``S_ij = cos(u_i, v_j) / tau``:
+    row i of ``u`` (a task's text embedding) is pulled towards row i of ``v`` (the same task's trajectory
+    embedding) and pushed from the other tasks' rows.
+
+    Args:
+        u: (T, D), T >= 2.
+        v: (T, D).
+        temperature: tau.
+
+    Returns:
+        Scalar loss; ``log T`` when the similarities carry no information.
+    """
+    _check_same_shape(u=u, v=v)
+    if u.dim() != 2 or u.shape[0] < 2:
+        raise ValueError(f"info_nce needs (T >= 2, D) rows, got {tuple(u.shape)}")
+    logits = F.normalize(u, dim=-1) @ F.normalize(v, dim=-1).T / temperature  # (T, T)
+    labels = torch.arange(u.shape[0], device=u.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
 @dataclass(frozen=True)
 class _Losses:
     """Common ``as_dict`` for the loss containers."""
@@ -173,7 +196,8 @@ class _Losses:
         ``as_dict("train/critic")`` and ``as_dict("train/critic/")`` both give ``"train/critic/loss"``.
         """
         sep = "/" if prefix and not prefix.endswith("/") else ""
-        return {f"{prefix}{sep}{f.name}": getattr(self, f.name).detach() for f in fields(self)}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f"{prefix}{sep}{name}": v.detach() for name, v in values.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -201,11 +225,13 @@ class ActorLosses(_Losses):
         loss: ``actor_loss``, scalar, the tensor to backpropagate.
         bc_loss: L_d (Eq. 5).
         q_loss: ``actor_q_term`` (normalised -L_r, Eq. 7).
+        align_loss: ``info_nce`` of the text and trajectory embeddings; None unless ``model.align_weight``.
     """
 
     loss: Tensor
     bc_loss: Tensor
     q_loss: Tensor
+    align_loss: Tensor | None = None
 
 
 __all__ = [
@@ -215,6 +241,7 @@ __all__ = [
     "actor_q_term",
     "critic_loss",
     "diffusion_loss",
+    "info_nce",
     "max_q_backup",
     "td_target",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -27,22 +27,11 @@ from torch import Tensor
 
 from llmdpd_pl.data.batches import Batch
 from llmdpd_pl.errors import ConfigError, at_least, within
-from llmdpd_pl.losses import ActorLosses, CriticLosses
 from llmdpd_pl.networks import TwinCritic
-from llmdpd_pl.objectives import actor_objective, critic_objective, draw
-from llmdpd_pl.policy import PolicySpec, PromptedPolicy, PromptMode
+from llmdpd_pl.objectives import UpdateStats, actor_objective, critic_objective, draw
+from llmdpd_pl.policy import PolicySpec, PromptedPolicy, PromptMode, check_levers
 from llmdpd_pl.task_bank import TaskBank
 from llmdpd_pl.utils import clip_grad_norms, derive_seed, maybe_compiled
-
-
-class UpdateStats(NamedTuple):
-    """What one update measured: its losses, the gradient norms before clipping and the sampled a⁰ (B, A)."""
-
-    critic: CriticLosses
-    actor: ActorLosses
-    critic_norms: dict[str, Tensor]
-    actor_norms: dict[str, Tensor]
-    actions: Tensor
 
 
 class LLMDPDModule(L.LightningModule):
@@ -83,6 +72,10 @@ class LLMDPDModule(L.LightningModule):
         seed: Seed of the per-update noise (each update draws from (seed, rank, update)).
         compile: ``torch.compile`` the update's prompt encoding and its two objectives, each as one graph,
             forward and backward, and the reverse chain of acting; the weights and checkpoints are unchanged.
+        conditioning: Lever: ``film`` modulates every denoiser layer by z; ``concat`` (the paper) does not.
+        prompt_dropout: Lever: Eq. 5 drops each row's prompt with this probability, for ``guidance``.
+        guidance: Classifier-free guidance weight w at acting (1: off; needs ``prompt_dropout`` > 0).
+        align_weight: Lever: weight of the text–trajectory InfoNCE loss in the actor loss (0: off).
     """
 
     def __init__(
@@ -116,6 +109,10 @@ class LLMDPDModule(L.LightningModule):
         critic_lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
         compile: bool = False,
+        conditioning: Literal["concat", "film"] = "concat",
+        prompt_dropout: float = 0.0,
+        guidance: float = 1.0,
+        align_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -128,10 +125,12 @@ class LLMDPDModule(L.LightningModule):
             at_least(f"model.{name}", self.hparams[name], 0 if name == "eta" else 1)
         if traj_d_model % traj_heads:
             raise ConfigError("model.traj_heads", f"must divide traj_d_model ({traj_d_model})", traj_heads)
+        check_levers(prompts, conditioning, prompt_dropout, guidance, align_weight)
         self.automatic_optimization = False
         spec = PolicySpec(
             obs_dim, act_dim, text_embed_dim, traj_prompt_len, prompts, prompt_dim, n_diffusion_steps,
-            beta_schedule, hidden_dim, traj_d_model, traj_layers, traj_heads,
+            beta_schedule, hidden_dim, traj_d_model, traj_layers, traj_heads, conditioning,
+            null_prompt=prompt_dropout > 0, align_encoder=align_weight > 0,
         )  # fmt: skip
         self.policy = PromptedPolicy(spec, compile)
         self.critic = TwinCritic(obs_dim, act_dim, self.policy.cond_dim, hidden_dim)
@@ -249,9 +248,10 @@ class LLMDPDModule(L.LightningModule):
             torch.randint(n, seen.shape, generator=gen, device=seen.device) if n > 1 else seen * 0
         )
         n_backup = hp["n_backup_samples"] if hp["max_q_backup"] else 1
-        draws = draw(self.policy.diffusion, batch.action, n_backup, gen)
+        draws = draw(self.policy.diffusion, batch.action, n_backup, gen, hp["prompt_dropout"])
         # Encoded once: the critics read z detached, the actor step backpropagates through it.
         z = self.encode_prompts(self.policy, seen, prompt_index)  # (T, C)
+        pair = self.policy.prompt_pair(*bank.prompts(seen, prompt_index)) if hp["align_weight"] else None
         ema_z = self.ema_prompt_embeddings(prompt_index) if self._ema else z.detach()  # (T, C)
 
         # 1. Critic step (Eq. 6).
@@ -266,7 +266,7 @@ class LLMDPDModule(L.LightningModule):
         # 2. Actor + prompt-encoder step (Eq. 8). The critic is frozen so no gradient lands in it.
         self.critic.requires_grad_(False)
         actor = maybe_compiled(actor_objective, compile_)
-        a, a_new = actor(self.policy, self.critic, batch, z, draws, hp["eta"])
+        a, a_new = actor(self.policy, self.critic, batch, z, draws, hp["eta"], pair, hp["align_weight"])
         actor_opt.zero_grad(set_to_none=True)
         backward(a.loss)
         self.critic.requires_grad_(True)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmdpd_pl.layers import Mish, SinusoidalPosEmb, StackedLinear, check_last_dim, mlp
+from llmdpd_pl.layers import Mish, SinusoidalPosEmb, StackedLinear, check_last_dim, film, mlp
 
 
 def _check_dims(**dims: int) -> None:
@@ -47,6 +47,11 @@ class Denoiser(nn.Module):
     K steps, since s and z do not change along the chain. Same weights and same function as the single
     Linear; only the cost differs (``docs/performance.md``).
 
+    With ``film``, z also modulates every hidden layer (FiLM, :func:`~llmdpd_pl.layers.film`): hidden layer
+    l's pre-activation becomes ``(1 + gamma_l(z)) * h_l + beta_l(z)``, with ``[gamma_1..n, beta_1..n] =
+    Linear(C, 2 n_layers H)(z)`` initialised to zero (the plain denoiser at the start). The gammas and betas
+    depend on z only, so they travel with the state term: (B, H + 2 n_layers H).
+
     Args:
         obs_dim: state dimension S.
         act_dim: action dimension A.
@@ -55,6 +60,7 @@ class Denoiser(nn.Module):
         hidden_dim: width of the hidden layers (Diffusion-QL: 256).
         time_dim: width of the step embedding (Diffusion-QL: 16).
         n_layers: number of hidden (Linear, Mish) layers (Diffusion-QL: 3).
+        film: Modulate every hidden layer by z (needs ``cond_dim > 0``).
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class Denoiser(nn.Module):
         hidden_dim: int = 256,
         time_dim: int = 16,
         n_layers: int = 3,
+        film: bool = False,
     ) -> None:
         super().__init__()
         _check_dims(obs_dim=obs_dim, act_dim=act_dim, cond_dim=cond_dim, hidden_dim=hidden_dim)
@@ -79,6 +86,14 @@ class Denoiser(nn.Module):
             nn.Linear(time_dim * 2, time_dim),
         )
         self.net = mlp(act_dim + time_dim + obs_dim + cond_dim, [hidden_dim] * n_layers, act_dim, Mish)
+        if film and not cond_dim:
+            raise ValueError("film needs a conditioning vector (cond_dim > 0)")
+        self.modulation = nn.Linear(cond_dim, 2 * n_layers * hidden_dim) if film else None
+        if self.modulation is not None:
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
+        #: Width of :meth:`state_term`: H, and the FiLM gammas and betas with ``film``.
+        self.state_dim = hidden_dim * (1 + 2 * n_layers) if film else hidden_dim
 
     @property
     def first_layer(self) -> nn.Linear:
@@ -93,13 +108,14 @@ class Denoiser(nn.Module):
             cond: prompt embeddings, (B, C); ``None`` or a (B, 0) tensor when ``cond_dim == 0``.
 
         Returns:
-            (B, hidden_dim).
+            (B, ``state_dim``): (B, H), then with ``film`` the gammas and betas (B, 2 n_layers H).
         """
         check_last_dim("obs", obs, self.obs_dim)
         cond = _conditioning(cond, obs, self.cond_dim)
         first = self.first_layer
         w_sz = first.weight[:, self.act_dim + self.time_dim :]  # (H, S + C)
-        return F.linear(torch.cat([obs, cond], dim=-1), w_sz, first.bias)  # (B, H)
+        term = F.linear(torch.cat([obs, cond], dim=-1), w_sz, first.bias)  # (B, H)
+        return term if self.modulation is None else torch.cat([term, self.modulation(cond)], dim=-1)
 
     def forward(self, a_k: Tensor, k: Tensor, state_term: Tensor) -> Tensor:
         """Predict the noise in ``a_k``: ``eps_theta(a_k, k, s, z)``, given ``self.state_term(s, z)``.
@@ -107,17 +123,26 @@ class Denoiser(nn.Module):
         Args:
             a_k: noisy actions, (B, A).
             k: diffusion steps, LongTensor (B,).
-            state_term: :meth:`state_term` of the states and prompts, (B, hidden_dim).
+            state_term: :meth:`state_term` of the states and prompts, (B, ``state_dim``).
 
         Returns:
             eps, (B, A).
         """
         check_last_dim("a_k", a_k, self.act_dim)
-        check_last_dim("state_term", state_term, self.hidden_dim)
+        check_last_dim("state_term", state_term, self.state_dim)
         t = self.time_mlp(k)  # (B, time_dim)
         w_at = self.first_layer.weight[:, : self.act_dim + self.time_dim]  # (H, A + time_dim)
-        h = torch.addmm(state_term, torch.cat([a_k, t], dim=-1), w_at.T)  # (B, H), the first layer
+        if self.modulation is None:
+            h = torch.addmm(state_term, torch.cat([a_k, t], dim=-1), w_at.T)  # (B, H), the first layer
+            for i in range(1, len(self.net)):
+                h = self.net[i](h)
+            return h  # (B, A)
+        term, gb = state_term[:, : self.hidden_dim], state_term[:, self.hidden_dim :].chunk(2, dim=-1)
+        h = torch.addmm(term, torch.cat([a_k, t], dim=-1), w_at.T)  # (B, H)
+        gammas, betas = gb[0].chunk(len(self.net) // 2, dim=-1), gb[1].chunk(len(self.net) // 2, dim=-1)
         for i in range(1, len(self.net)):
+            if i % 2:  # an activation: FiLM its hidden layer's pre-activation first
+                h = film(h, gammas[i // 2], betas[i // 2])
             h = self.net[i](h)
         return h  # (B, A)
 

@@ -16,6 +16,7 @@ share that z: the critics read it detached, the actor backpropagates through it 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,6 +30,7 @@ from llmdpd_pl.losses import (
     actor_q_term,
     critic_loss,
     diffusion_loss,
+    info_nce,
     max_q_backup,
     td_target,
 )
@@ -49,6 +51,8 @@ class Draws:
         chain_noise: noise of the reverse chain that samples the actor's a⁰, (K + 1, B, A).
         pick_first: bool, (): the Q term uses Q_φ1 (normalised by |Q_φ2|) if True, else the reverse
             (Algorithm 1). A tensor, so that both draws run the same compiled graph.
+        drop: bool, (B,): rows whose prompt Eq. 5 replaces by the "no prompt" embedding (prompt dropout);
+            None without prompt dropout.
     """
 
     target_noise: Tensor
@@ -57,16 +61,41 @@ class Draws:
     eps: Tensor
     chain_noise: Tensor
     pick_first: Tensor
+    drop: Tensor | None = None
 
 
-def draw(diffusion: GaussianDiffusion, action: Tensor, n_backup: int, generator: torch.Generator) -> Draws:
-    """Every draw of one update from ``generator``, in a fixed order: dataset actions (B, A) → ``Draws``."""
+class UpdateStats(NamedTuple):
+    """What one update measured: its losses, the gradient norms before clipping and the sampled a⁰ (B, A)."""
+
+    critic: CriticLosses
+    actor: ActorLosses
+    critic_norms: dict[str, Tensor]
+    actor_norms: dict[str, Tensor]
+    actions: Tensor
+
+
+def draw(
+    diffusion: GaussianDiffusion,
+    action: Tensor,
+    n_backup: int,
+    generator: torch.Generator,
+    prompt_dropout: float = 0.0,
+) -> Draws:
+    """Every draw of one update from ``generator``, in a fixed order: dataset actions (B, A) → ``Draws``.
+
+    ``prompt_dropout`` p > 0 drops each row's prompt with probability p, drawn last.
+    """
     device, shape = action.device, (action.shape[0], action.shape[1])
     target_noise = diffusion.chain_noise((shape[0] * n_backup, shape[1]), generator, device)
     a_k, k, eps = diffusion.loss_inputs(action, generator)
     chain_noise = diffusion.chain_noise(shape, generator, device)
     pick_first = torch.rand((), generator=generator, device=device) < 0.5
-    return Draws(target_noise, a_k, k, eps, chain_noise, pick_first)
+    drop = (
+        (torch.rand(shape[0], generator=generator, device=device) < prompt_dropout)
+        if prompt_dropout
+        else None
+    )
+    return Draws(target_noise, a_k, k, eps, chain_noise, pick_first, drop)
 
 
 def critic_objective(
@@ -109,12 +138,24 @@ def critic_objective(
 
 
 def actor_objective(
-    policy: PromptedPolicy, critic: TwinCritic, batch: Batch, z: Tensor, draws: Draws, eta: float
+    policy: PromptedPolicy,
+    critic: TwinCritic,
+    batch: Batch,
+    z: Tensor,
+    draws: Draws,
+    eta: float,
+    pair: tuple[Tensor, Tensor] | None = None,
+    align_weight: float = 0.0,
 ) -> tuple[ActorLosses, Tensor]:
     """Eq. 5 + η · normalised Eq. 7 = Eq. 8, differentiable in θ and, through z, in ψ and φ.
 
     The caller freezes the critic (``requires_grad_(False)``): the Q term's gradient reaches the actions
     and, through the reverse chain, the policy, but no critic parameter.
+
+    Two levers, off by default: with ``draws.drop``, Eq. 5 reads the "no prompt" embedding on the dropped
+    rows (prompt dropout, for classifier-free guidance; the Q term keeps every prompt); with ``pair``, the
+    text and trajectory embeddings of the seen tasks (T, D) each, ``align_weight · info_nce(pair)`` is
+    added (text–trajectory alignment).
 
     Args:
         policy: the online actor π_θ.
@@ -124,16 +165,23 @@ def actor_objective(
             reaches ψ and φ through them.
         draws: the update's :class:`Draws` (``a_k``, ``k``, ``eps``, ``chain_noise``, ``pick_first``).
         eta: λ of Eq. 8 (weight of the normalised Q term).
+        pair: the alignment loss's inputs, or None.
+        align_weight: weight of the alignment loss.
 
     Returns:
         The losses, and the sampled a⁰ detached, (B, A).
     """
     cond = z[batch.task_id]  # (B, C)
-    bc = diffusion_loss(policy.eps(draws.a_k, draws.k, batch.obs, cond), draws.eps)
+    bc_cond = cond if draws.drop is None else policy.drop_prompts(cond, draws.drop)
+    bc = diffusion_loss(policy.eps(draws.a_k, draws.k, batch.obs, bc_cond), draws.eps)
     a_new = policy.sample(batch.obs, cond, draws.chain_noise)  # (B, A), differentiable through the chain
     q1, q2 = critic(batch.obs, a_new, cond.detach())
     q_term = torch.where(draws.pick_first, actor_q_term(q1, q2), actor_q_term(q2, q1))
-    return ActorLosses(actor_loss(bc, q_term, eta), bc, q_term), a_new.detach()
+    loss = actor_loss(bc, q_term, eta)
+    if pair is None:
+        return ActorLosses(loss, bc, q_term), a_new.detach()
+    align = info_nce(*pair)
+    return ActorLosses(loss + align_weight * align, bc, q_term, align), a_new.detach()
 
 
-__all__ = ["Draws", "actor_objective", "critic_objective", "draw"]
+__all__ = ["Draws", "UpdateStats", "actor_objective", "critic_objective", "draw"]
