@@ -8,97 +8,21 @@ datamodule, and linked into the model.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LightningCLI
 
 from llmdpd_pl.callbacks.provenance import Provenance, train_record
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.embeddings import LLMSpec, check_same_llm, llm_identity
-from llmdpd_pl.errors import ConfigError, at_least, reporting_user_errors
+from llmdpd_pl.errors import ConfigError, reporting_user_errors
 from llmdpd_pl.module import LLMDPDModule
 from llmdpd_pl.preflight import preflight, quiet_known_noise
+from llmdpd_pl.trainer import LLMDPDTrainer
 from llmdpd_pl.utils import git_commit
-
-
-class LLMDPDTrainer(L.Trainer):
-    """A ``Trainer`` with the ``collect`` subcommand and rollout options on ``test``.
-
-    It always has a ``Timer`` (``max_time`` adds one with a limit), so every checkpoint records its
-    training wall time, and ``llmdpd test`` reports it.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not any(isinstance(cb, Timer) for cb in self.callbacks):
-            self.callbacks.append(Timer())
-
-    def collect(self, model: L.LightningModule, datamodule: PromptedOfflineDataModule) -> None:
-        """Collect missing datasets and embed missing prompts (rank 0 work of ``prepare_data``)."""
-        datamodule.prepare_data()
-
-    def test(  # type: ignore[override]
-        self,
-        model: L.LightningModule | None = None,
-        dataloaders: Any = None,
-        ckpt_path: str | None = None,
-        verbose: bool = True,
-        datamodule: L.LightningDataModule | None = None,
-        episodes: int | None = None,
-        seen: bool | None = None,
-        expert: bool | None = None,
-        output: str | None = None,
-        videos: int | None = None,
-        prompt_index: int | Literal["all"] | None = None,
-        prompts_from: Literal["config", "checkpoint"] | None = None,
-        prompt_swap: Literal["text", "trajectory", "both"] | None = None,
-    ) -> Any:
-        """Evaluate a checkpoint by rollouts on the config's unseen (and optionally seen) tasks.
-
-        Args:
-            model: The module.
-            dataloaders: Unused by rollouts; kept for Lightning.
-            ckpt_path: Checkpoint to evaluate.
-            verbose: Print Lightning's metric table too.
-            datamodule: The datamodule (task lists, prompts).
-            episodes: Episodes per task (overrides the config's ``RolloutEvaluation.test_episodes``).
-            seen: Evaluate the seen tasks too.
-            expert: Add the scripted expert's reference row per task.
-            output: Path of the results JSON.
-            videos: Episodes per task to record as GIFs (``<log_dir>/videos/test/``) and TensorBoard
-                images, besides the scored ones (overrides ``RolloutEvaluation.video_episodes``; 0: none).
-            prompt_index: The prompt trajectory that conditions each task, or ``all`` (round robin over
-                the episodes).
-            prompts_from: ``config`` (default): the config's prompts, for any task; ``checkpoint``: the
-                training-time prompt banks, exactly.
-            prompt_swap: Also run the prompt-sensitivity matrix, swapping the ``text``, ``trajectory`` or
-                ``both`` prompts between tasks (JSON and PNG in the log dir, a TensorBoard image).
-        """
-        from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
-
-        given = {"episodes": (episodes, 1), "videos": (videos, 0), "prompt_index": (prompt_index, 0)}
-        for key, (value, low) in given.items():
-            if isinstance(value, int):  # not None (the callback's value) nor "all"
-                at_least(key, value, low)
-        evaluators = [cb for cb in self.callbacks if isinstance(cb, RolloutEvaluation)]
-        if not evaluators:
-            evaluators = [RolloutEvaluation()]
-            self.callbacks.append(evaluators[0])
-        for cb in evaluators:
-            cb.test_episodes = cb.test_episodes if episodes is None else episodes
-            cb.video_episodes = cb.video_episodes if videos is None else videos
-            cb.prompt_index = cb.prompt_index if prompt_index is None else prompt_index
-            cb.prompts_from = prompts_from or cb.prompts_from
-            cb.prompt_swap = prompt_swap or cb.prompt_swap
-            cb.test_seen = cb.test_seen if seen is None else seen
-            cb.expert_reference = cb.expert_reference if expert is None else expert
-            cb.output = output or cb.output
-        return super().test(model, dataloaders, ckpt_path, verbose, datamodule)
-
 
 #: ``model`` keys that shape the network or its inputs: ``llmdpd test`` takes them from the checkpoint only.
 ARCHITECTURE_KEYS = frozenset({
@@ -162,13 +86,16 @@ class LLMDPDCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        """Parse, and keep ``llmdpd test``'s own model values: the checkpoint's hyperparameters replace them
-        next, and :meth:`before_instantiate_classes` reconciles the two."""
+        """Parse, and keep the ``model`` values the user gave (in a ``--config`` file or as ``--model.*``):
+        the checkpoint's hyperparameters replace them next, and :meth:`before_instantiate_classes`
+        reconciles the two. A default the user did not write is not "given"."""
         super().parse_arguments(parser, args)
         if subcommand := self.config.get("subcommand"):
             preflight(subcommand, self.config[subcommand].clone().as_dict())  # before any work
         if subcommand in ("test", "fit"):  # before the checkpoint's hyperparameters replace them
-            self._given_model = self.config[subcommand].model.clone().as_dict()
+            written = given_model_keys(sys.argv[1:] if args is None else list(args))
+            model = self.config[subcommand].model.clone().as_dict()
+            self._given_model = {k: v for k, v in model.items() if k in written}
 
     def before_instantiate_classes(self) -> None:
         torch.set_float32_matmul_precision(self._get(self.config, "float32_matmul_precision"))
@@ -222,6 +149,7 @@ class LLMDPDCLI(LightningCLI):
         run = {"commit": git_commit(), **getattr(self, "_run", {}), "config": config.get("test", config)}
         if not any(isinstance(cb, RolloutEvaluation) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(RolloutEvaluation())
+        self.trainer.callbacks.append(Provenance(run["config"]))  # restores the checkpoint's; saves nothing
         for cb in self.trainer.callbacks:
             if isinstance(cb, RolloutEvaluation):
                 cb.run_info = run
@@ -265,9 +193,13 @@ def main(args: list[str] | None = None) -> None:
     (:mod:`llmdpd_pl.export`) writes a checkpoint's policy as safetensors and JSON; the other subcommands
     are LightningCLI's.
     """
-    argv = sys.argv[1:] if args is None else args
+    argv = yaml_spelling(sys.argv[1:] if args is None else args)
+    if args is None:
+        sys.argv[1:] = argv
     quiet_known_noise()
     with reporting_user_errors():
+        for path in (b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"):
+            check_yaml("--config", path)
         if argv[:1] == ["report"]:
             from llmdpd_pl.report import main as report
 
@@ -276,7 +208,51 @@ def main(args: list[str] | None = None) -> None:
             from llmdpd_pl.export import main as export
 
             return export(argv[1:])
-        build_cli(args)
+        build_cli(None if args is None else argv)
+
+
+def given_model_keys(argv: list[str]) -> set[str]:
+    """The ``model`` keys that ``argv`` writes: in each ``--config`` file's ``model`` section, and as
+    ``--model.KEY`` (or ``--model.KEY.sub``)."""
+    keys: set[str] = set()
+    for arg, nxt in zip(argv, [*argv[1:], ""], strict=True):
+        if arg == "--config" and Path(nxt).is_file():
+            model = (yaml.safe_load(Path(nxt).read_text()) or {}).get("model")
+            keys |= set(model) if isinstance(model, dict) else set()
+        elif arg.startswith("--model."):
+            keys.add(arg.removeprefix("--model.").partition("=")[0].split(".")[0])
+    return keys
+
+
+#: Non-finite numbers as a shell user writes them, and as YAML (hence jsonargparse) reads them.
+_NON_FINITE = {"inf": ".inf", "+inf": ".inf", "-inf": "-.inf", "nan": ".nan"}
+
+
+def yaml_spelling(argv: list[str]) -> list[str]:
+    """``--key inf`` (or ``=inf``, ``-inf``, ``nan``) as ``--key .inf``: YAML's spelling, which the parser
+    reads as a float; it reads ``inf`` as a string and rejects it."""
+    out: list[str] = []
+    for arg in argv:
+        key, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if eq and value.lower() in _NON_FINITE:
+            arg = f"{key}={_NON_FINITE[value.lower()]}"
+        elif out and out[-1].startswith("--") and "=" not in out[-1] and arg.lower() in _NON_FINITE:
+            arg = f"{out.pop()}={_NON_FINITE[arg.lower()]}"  # one token: argparse reads -.inf as an option
+        out.append(arg)
+    return out
+
+
+def check_yaml(key: str, path: str) -> None:
+    """A :class:`ConfigError` naming the file, line and column of a YAML syntax error in ``path``."""
+    try:
+        yaml.safe_load(Path(path).read_text())
+    except OSError:
+        return  # the parser's own message names a missing file
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(key, f"not valid YAML: {problem}{where}", Path(path)) from None
 
 
 if __name__ == "__main__":

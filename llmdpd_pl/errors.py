@@ -76,15 +76,20 @@ def check_writable(key: str, folder: str | Path) -> None:
 def check_checkpoint(key: str, path: str | Path) -> None:
     """A :class:`ConfigError` unless ``path`` is a complete checkpoint file (``torch.save``'s zip format,
     every member's CRC intact): a missing, truncated or overwritten file fails here, before any work."""
+    if Path(path).is_dir():
+        raise ConfigError(key, "is a folder, not a checkpoint file (a run's are <run>/checkpoints/*.ckpt)",
+                          Path(path))  # fmt: skip
     if not Path(path).is_file():
         raise ConfigError(key, "no such file", Path(path))
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+            bad, names = archive.testzip(), archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ConfigError(key, f"not a readable checkpoint ({type(err).__name__})", Path(path)) from err
     if bad is not None:
         raise ConfigError(key, f"corrupt checkpoint: {bad} fails its CRC check", Path(path))
+    if not any(name.endswith("/data.pkl") for name in names):
+        raise ConfigError(key, "a zip archive, but not a checkpoint (no torch.save data.pkl)", Path(path))
 
 
 def user_error_line(err: BaseException) -> str | None:

@@ -39,7 +39,7 @@ from llmdpd_pl.pretrained import (
     exported_state,
     init_args,
 )
-from llmdpd_pl.rollouts import TaskResult, format_results
+from llmdpd_pl.rollouts import TaskResult, format_results, read_json
 from llmdpd_pl.utils import git_commit, umask
 
 CARD = "README.md"
@@ -150,10 +150,9 @@ def export(ckpt_path: str | Path, out: str | Path, results: str | Path | None = 
     rows: list[TaskResult] = []
     if results is not None:
         try:
-            rows = [TaskResult(**row) for row in json.loads(Path(results).read_text())["results"]]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError("results", f"not a results JSON of llmdpd test ({type(err).__name__})",
-                              Path(results)) from None  # fmt: skip
+            rows = [TaskResult(**row) for row in read_json(results, "results")["results"]]
+        except TypeError as err:  # a row without every field
+            raise ConfigError("results", f"a results row lacks fields ({err})", Path(results)) from None
     config = export_config(module, checkpoint, ckpt_path)
     files = {
         WEIGHTS: save(exported_state(module), metadata={"format": "pt"}),

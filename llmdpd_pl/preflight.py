@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmdpd_pl.data.spec import DatasetSpec
-from llmdpd_pl.errors import check_checkpoint, check_writable
+from llmdpd_pl.errors import ConfigError, check_checkpoint, check_writable
 
 #: (category, message regex) of warnings that a normal run triggers and that ask nothing of the user.
 NOISE: tuple[tuple[type[Warning], str], ...] = (
@@ -68,6 +68,9 @@ def preflight(subcommand: str, config: dict[str, Any]) -> None:
     check_writable("data.cache_dir", _get(config, "data.cache_dir") or "data/embeddings")
     if subcommand == "collect":
         return
+    for key in ("max_steps", "max_epochs"):  # Lightning's own message comes as a traceback, after the data
+        if (value := _get(config, f"trainer.{key}")) is not None and value < -1:
+            raise ConfigError(f"trainer.{key}", "must be -1 (no limit) or >= 0", value)
     check_writable("trainer.default_root_dir", _get(config, "trainer.default_root_dir") or os.getcwd())
     for args in _init_args(_get(config, "trainer.logger")):
         if args.get("save_dir"):

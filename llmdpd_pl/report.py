@@ -18,10 +18,9 @@ verdict: **supported**, **inconclusive** or **no effect at this power**. ``--pai
 test the same checkpoints differently (e.g. paraphrased prompts): the i-th results JSON of each arm (in
 glob order) must name the same checkpoint, and the paired t-test replaces Welch's.
 
-``report.json`` also holds a two-level 95% bootstrap interval (seeds, then episodes), a description only,
-shown in the markdown where an arm has one seed, and the commits that trained the checkpoints (a warning
-names them when they differ). Only the tasks of every results JSON are compared; the rest are named.
-Writes ``report.md``, ``report.json`` (success as a fraction) and ``report.png`` (Figure 2 style).
+``report.json`` also holds a two-level 95% bootstrap interval (seeds, then episodes; shown where an arm
+has one seed) and the commits that trained the checkpoints (a warning names them when they differ). Only
+shared tasks are compared; the rest are named. Writes ``report.md``, ``report.json``, ``report.png``.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ import numpy as np
 
 from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.locomotion import normalized_score
+from llmdpd_pl.rollouts import read_json
 from llmdpd_pl.stats import ALPHA, MAX_SEEDS, POWER, compare
 from llmdpd_pl.utils import atomic_write
 
@@ -95,7 +95,7 @@ def load_arm(pattern: str, select: Literal["last", "best"] = "last") -> Arm:
         raise ConfigError("--arm", "no results JSON matches this pattern", pattern)
     arm: Arm = {}
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        data = read_json(path, "--arm")
         rows = [r for r in data["results"] if r["policy"] == "agent"]
         if select == "best":
             history = [r for r in data["meta"].get("during_fit") or [] if r["policy"] == "agent"]
@@ -246,7 +246,7 @@ def training_commits(arms: dict[str, Arm]) -> dict[str, list[str]]:
     """The commit that trained each results JSON's checkpoint (``meta.train_commit``) → those JSONs."""
     commits: dict[str, list[str]] = {}
     for path in (p for arm in arms.values() for p in arm):
-        meta = json.loads(Path(path).read_text())["meta"]
+        meta = read_json(path, "--arm")["meta"]
         commit = meta.get("train_commit") or f"unrecorded (tested at {meta.get('commit')})"
         commits.setdefault(commit, []).append(path)
     return commits
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.baseline is not None and args.baseline not in arms:
         p.error(f"--baseline {args.baseline!r} is not an --arm ({sorted(arms)})")
     if args.paired:
-        checkpoints = {name: [json.loads(Path(f).read_text())["meta"].get("ckpt_path") for f in arm]
+        checkpoints = {name: [read_json(f, "--arm")["meta"].get("ckpt_path") for f in arm]
                        for name, arm in arms.items()}  # fmt: skip
         if len({tuple(c) for c in checkpoints.values()}) > 1 or None in next(iter(checkpoints.values())):
             p.error(f"--paired needs the same checkpoints in every arm, in glob order; got {checkpoints}")

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from llmdpd_pl import hidden_goal
 from llmdpd_pl.envs import scripted_policy
+from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.locomotion import normalized_score, reference
 from llmdpd_pl.suites import dims, episode_steps, make_eval_envs, suite_of
 from llmdpd_pl.utils import atomic_write
@@ -269,3 +270,18 @@ def write_json(
     if videos is not None:
         data["videos"] = list(videos)
     return atomic_write(path, json.dumps(data, indent=2).encode())
+
+
+def read_json(path: str | Path, key: str) -> dict[str, Any]:
+    """A results JSON that :func:`write_json` wrote: its ``meta``, and rows naming task, split and policy;
+    anything else is a :class:`~llmdpd_pl.errors.ConfigError` under ``key`` that names the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data["meta"], dict) or not isinstance(data["results"], list):
+            raise TypeError("'meta' must be an object and 'results' a list")
+        for row in data["results"]:
+            row["task"], row["split"], row["policy"]  # noqa: B018 (each row names them)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(key, f"not a results JSON of llmdpd test ({type(err).__name__}: {err})",
+                          Path(path)) from None  # fmt: skip
+    return data  # type: ignore[no-any-return]

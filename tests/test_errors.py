@@ -9,12 +9,15 @@ prints no third-party warning.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,8 @@ import lightning as L
 import pytest
 import torch
 
-from llmdpd_pl.cli import main
-from llmdpd_pl.data.embeddings import resolve_model_path
+from llmdpd_pl.cli import main, yaml_spelling
+from llmdpd_pl.data.embeddings import LLMSpec, embed_texts, resolve_model_path
 from llmdpd_pl.data.prompts import load_prompts, render_prompt
 from llmdpd_pl.data.spec import METADATA_FILE, DatasetSpec, QualityLevel
 from llmdpd_pl.errors import ConfigError
@@ -293,7 +296,8 @@ def quiet_run(model_data: ModelData, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_a_normal_collect_fit_and_test_print_no_third_party_noise(quiet_run: dict[str, Any]) -> None:
-    patterns = [p for _, p in NOISE] + ["`author_email` is set to None", "`eval_env` is set to None"]
+    patterns = [p for _, p in NOISE] + ["`author_email` is set to None", "`eval_env` is set to None",
+                                        "callbacks used to create the checkpoint need to be provided"]
     noisy = [w for w in quiet_run["warnings"] if any(re.search(p, w) for p in patterns)]
     assert noisy == []
     assert [line for line in quiet_run["logged"] if "Tip" in line] == []
@@ -318,3 +322,155 @@ def test_a_report_without_results_is_one_line(tmp_path: Path, capsys: pytest.Cap
     assert line == f"error: --arm: no results JSON matches this pattern (got {pattern!r})"
     assert _tree(tmp_path) == set()
 
+
+
+# ------------------------------------------------------------------------------ mistakes that were tracebacks
+def _test_args(quiet_run: dict[str, Any], tmp_path: Path, *extra: str) -> list[str]:
+    return ["test", "--config", str(quiet_run["config"]), "--expert", "false",
+            "--trainer.default_root_dir", str(tmp_path / "logs"), *extra]  # fmt: skip
+
+
+def test_a_zip_that_is_not_a_checkpoint_and_a_folder_are_one_line(
+    quiet_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive = tmp_path / "notes.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("notes.txt", "hello")
+    line = _fails(_test_args(quiet_run, tmp_path, "--ckpt_path", str(archive)), capsys)
+    assert line == (
+        f"error: ckpt_path: a zip archive, but not a checkpoint (no torch.save data.pkl) (got {archive})"
+    )
+    folder = quiet_run["ckpt"].parent
+    line = _fails(_test_args(quiet_run, tmp_path, "--ckpt_path", str(folder)), capsys)
+    assert line.startswith("error: ckpt_path: is a folder, not a checkpoint file") and str(folder) in line
+    assert _tree(tmp_path) == {"notes.zip"}
+
+
+def test_a_checkpoint_of_another_network_is_one_line(
+    quiet_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The checkpoint of a network with one more state input, as another suite's (its width is linked from
+    # the data when the model is built, so no config key can catch it before the weights load).
+    checkpoint = torch.load(quiet_run["ckpt"], weights_only=True)
+    weight = checkpoint["state_dict"]["critic.layers.0.weight"]  # (2, H, S + A + C)
+    checkpoint["state_dict"]["critic.layers.0.weight"] = torch.cat([weight, weight[..., :1]], dim=-1)
+    other = tmp_path / "other.ckpt"
+    torch.save(checkpoint, other)
+    line = _fails(_test_args(quiet_run, tmp_path, "--ckpt_path", str(other)), capsys)
+    assert line.startswith("error: ckpt_path: its weights do not fit the network this config builds (size")
+    assert line.endswith(f"test it with the suite and tasks it was trained on (got {str(other)!r})")
+
+
+def test_a_prompt_index_past_the_prompts_is_one_line(
+    quiet_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _test_args(quiet_run, tmp_path, "--ckpt_path", str(quiet_run["ckpt"]), "--prompt_index", "9",
+                      "--output", str(tmp_path / "out" / "results.json"))  # fmt: skip
+    assert _fails(args, capsys) == (
+        "error: prompt_index: this run has 1 prompt trajectories per task: 0 to 0, or all (got 9)"
+    )
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_negative_max_steps_is_one_line_before_any_work(
+    quiet_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["fit", "--config", str(quiet_run["config"]), "--trainer.max_steps", "-5",
+            "--trainer.default_root_dir", str(tmp_path / "logs")]  # fmt: skip
+    assert _fails(args, capsys) == "error: trainer.max_steps: must be -1 (no limit) or >= 0 (got -5)"
+    assert _tree(tmp_path) == set()
+
+
+@pytest.mark.parametrize(("content", "reason"), [("{", "JSONDecodeError"), ('{"a": 1}', "KeyError")])
+def test_a_results_file_that_is_not_a_results_json_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, reason: str
+) -> None:
+    path = tmp_path / "seed0.json"
+    path.write_text(content)
+    line = _fails(["report", "--arm", "a", str(path), "--out", str(tmp_path / "report")], capsys)
+    assert line.startswith(f"error: --arm: not a results JSON of llmdpd test ({reason}")
+    assert line.endswith(f"(got {path})")
+    assert _tree(tmp_path) == {"seed0.json"}
+
+
+def test_corrupt_llm_weights_are_one_line(
+    model_data: ModelData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "llm"
+    shutil.copytree(resolve_model_path("minilm"), folder)
+    (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+    data = {"llm": {"model": str(folder)}, "cache_dir": str(tmp_path / "cache")}
+    config = write_config(tmp_path / "c.yaml", model_data, tmp_path / "run", data=data)
+    line = _fails(["collect", "--config", str(config)], capsys)
+    assert line.startswith(f"error: data.llm.model: cannot load the model in {folder} (")
+    assert not (tmp_path / "cache").exists() or _tree(tmp_path / "cache") == set()
+
+
+def test_a_cache_entry_of_the_wrong_width_is_recomputed(tmp_path: Path) -> None:
+    texts, spec = {"reach": "Task: reach."}, LLMSpec()
+    first, _ = embed_texts(texts, spec, tmp_path)
+    (entry,) = tmp_path.glob("*.pt")
+    saved = torch.load(entry, weights_only=True)
+    wide = torch.cat([saved["embedding"], saved["embedding"]])  # a self-consistent entry of twice the width
+    checksum = hashlib.sha256(wide.numpy().tobytes()).hexdigest()
+    torch.save({**saved, "embedding": wide, "sha256": checksum}, entry)
+    again, stats = embed_texts(texts, spec, tmp_path)
+    assert stats.misses == 1 and torch.equal(again["reach"], first["reach"])
+
+
+def test_a_user_error_after_the_logger_starts_leaves_no_log_folder(
+    quiet_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs = tmp_path / "runs"
+    args = _test_args(quiet_run, tmp_path, "--ckpt_path", str(quiet_run["ckpt"]), "--prompt_index", "9",
+                      "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+                      "--trainer.logger.save_dir", str(logs), "--trainer.logger.name", "tested")  # fmt: skip
+    assert _fails(args, capsys).startswith("error: prompt_index: this run has 1 prompt trajectories")
+    assert not (logs / "tested" / "version_0").exists()  # the next run is version_0 again
+
+
+# ------------------------------------------------------------------------------ messages that misled
+def test_nan_and_inf_on_the_command_line_are_numbers(
+    model_data: ModelData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "c.yaml", model_data, tmp_path / "run")
+    assert _fails(["fit", "--config", str(config), "--model.eta", "nan"], capsys) == (
+        "error: model.eta: must be >= 0 (got nan)"
+    )
+    assert _fails(["fit", "--config", str(config), "--model.gamma=inf"], capsys) == (
+        "error: model.gamma: must be in [0.0, 1.0] (got inf)"
+    )
+    spelled = yaml_spelling(["--a", "-inf", "--b=INF", "--c", "nan", "inf"])
+    assert spelled == ["--a=-.inf", "--b=.inf", "--c=.nan", "inf"]
+    assert _tree(tmp_path) == {"c.yaml"}
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  eta: [1,\n")
+    assert _fails(["fit", "--config", str(bad)], capsys) == (
+        f"error: --config: not valid YAML: expected the node content, but found '<stream end>' at line 3, "
+        f"column 1 (got {bad})"
+    )
+
+
+def test_test_takes_the_checkpoints_value_of_a_key_the_user_did_not_write(
+    quiet_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    config = yaml.safe_load(quiet_run["config"].read_text())
+    trained = config["model"].pop("n_action_candidates")  # the module's default (50) differs
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "results.json"
+    main(["test", "--config", str(tmp_path / "c.yaml"), "--ckpt_path", str(quiet_run["ckpt"]), "--expert",
+          "false", "--trainer.default_root_dir", str(tmp_path / "logs"), "--output", str(out)])  # fmt: skip
+    assert "n_action_candidates" not in capsys.readouterr().err
+    assert json.loads(out.read_text())["meta"]["config"]["model"]["n_action_candidates"] == trained
+    main(["test", "--config", str(tmp_path / "c.yaml"), "--ckpt_path", str(quiet_run["ckpt"]), "--expert",
+          "false", "--trainer.default_root_dir", str(tmp_path / "logs"), "--output", str(out),
+          "--model.n_action_candidates", "3"])  # fmt: skip
+    assert "model.n_action_candidates: given 3" in capsys.readouterr().err
+    assert json.loads(out.read_text())["meta"]["config"]["model"]["n_action_candidates"] == 3

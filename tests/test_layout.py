@@ -18,7 +18,7 @@ LAYERS = [
     ["objectives", "module", "callbacks.ema", "callbacks.provenance"],
     ["rollouts", "acting", "video", "prompt_matrix", "callbacks.rollout_evaluation", "pretrained"],
     ["report", "export"],
-    ["cli", "preflight"],
+    ["trainer", "cli", "preflight"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 PACKAGE = Path(llmdpd_pl.__file__).parent

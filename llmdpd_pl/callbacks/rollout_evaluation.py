@@ -12,12 +12,9 @@ banks exactly. ``prompt_index`` picks the prompt trajectory, or ``"all"`` (episo
 i mod P); ``prompt_swap`` adds the prompt-sensitivity matrix (:mod:`llmdpd_pl.prompt_matrix`).
 
 With ``video_episodes > 0`` each evaluation also records that many extra episodes of the agent per task
-(:mod:`llmdpd_pl.video`), after the scored ones, which they do not change. Each becomes a GIF,
-``<log_dir>/videos/test/<split>/<task>_ep<k>.gif`` in ``llmdpd test`` and
-``<log_dir>/videos/update<U>/<split>/<task>_ep<k>.gif`` during fit (listed under ``"videos"`` in the
-results JSON), and, with a ``TensorBoardLogger``, an animated image ``test/<split>/<task>/video_ep<k>``
-(at step ``updates``) or ``eval/<split>/<task>/video_ep<k>`` (at the step of the ``eval/`` metrics).
-Rank 0 records them all while the other ranks wait: keep them few under DDP (NCCL's timeout is 30 min).
+(:mod:`llmdpd_pl.video`) as GIFs, ``<log_dir>/videos/{test,update<U>}/<split>/<task>_ep<k>.gif`` (listed
+under ``"videos"`` in the results JSON), and as images ``{test,eval}/<split>/<task>/video_ep<k>`` in
+TensorBoard. Rank 0 records them while the other ranks wait: keep them few under DDP (NCCL's 30 min).
 """
 
 from __future__ import annotations
@@ -168,7 +165,11 @@ class RolloutEvaluation(L.Callback):
         self, pl_module: Any, seed: int, sources: Mapping[str, tuple[str, str]] | None = None
     ) -> list[PolicyFn]:
         """The module's policy once per prompt trajectory it runs with (all of them with ``all``)."""
-        indices = range(pl_module.task_bank.n_prompts) if self.prompt_index == "all" else [self.prompt_index]
+        n = pl_module.task_bank.n_prompts
+        if self.prompt_index != "all" and not 0 <= self.prompt_index < n:
+            raise ConfigError("prompt_index", f"this run has {n} prompt trajectories per task: 0 to {n - 1}, "
+                              "or all", self.prompt_index)  # fmt: skip
+        indices = range(n) if self.prompt_index == "all" else [self.prompt_index]
         return [module_policy(pl_module, int(p), seed, sources) for p in indices]
 
     def evaluate(

@@ -119,9 +119,10 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         if unused := [t for t in prompts or {} if t not in self.task_names]:
             log.warning("data.prompts: %s are not tasks of this run; their texts are unused", unused)
         self.prompts = load_prompts(prompts)
-        missing = [t for t in self.task_names if t not in self.prompts]
-        if missing:
-            raise ConfigError("data.prompts", "no text prompt for these tasks", missing)
+        if missing := [t for t in self.task_names if t not in self.prompts]:
+            key = "data.seen_tasks" if missing[0] in self.seen_tasks else "data.unseen_tasks"
+            raise ConfigError(key, f"no text prompt for {missing}; give one with --data.prompts "
+                              f"'{{{missing[0]}: {{task: ..., objective: ..., constraints: ...}}}}'", missing)
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.traj_prompt_len, self.traj_prompt_stride = traj_prompt_len, traj_prompt_stride
         self.traj_prompt_windows = traj_prompt_windows
@@ -225,7 +226,8 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         if self.dataset_id is not None:
             dataset = open_by_id(self.dataset_id, self.dataset.root)
             keep = dataset.episode_indices[: -self.dataset.prompt_episodes]
-            return episodes(dataset, f"dataset {self.dataset_id}", keep), f"dataset {self.dataset_id}"
+            what = f"dataset {self.dataset_id}"
+            return episodes(dataset, what, keep, key="data.dataset_id"), what
         path = self.dataset.path(task, "train")
         what = f"train dataset of {task!r} at {path}"
         return episodes(open_collected(path), what), what
@@ -240,7 +242,8 @@ class PromptedOfflineDataModule(L.LightningDataModule):
         if self.dataset_id is not None and task == self.seen_tasks[0]:
             dataset = open_by_id(self.dataset_id, self.dataset.root)
             what = f"dataset {self.dataset_id} (its last {self.dataset.prompt_episodes} episodes)"
-            eps = episodes(dataset, what, dataset.episode_indices[-self.dataset.prompt_episodes :])
+            last = dataset.episode_indices[-self.dataset.prompt_episodes :]
+            eps = episodes(dataset, what, last, "data.dataset_id")
         else:
             path = self.dataset.path(task, "prompts")
             what = f"prompts dataset of {task!r} at {path}"

@@ -1,12 +1,10 @@
 """Frozen-LLM text-prompt embeddings M(z_text) (paper Eq. 1, before the head h_ψ) and their disk cache.
 
-The LLM is any ``transformers.AutoModel`` (encoder or decoder). Its input is the instruction plus the
-structured prompt; its output is the last hidden layer, mean-pooled with the attention mask (decoders
-such as Llama pad on the right, so the mask matters). The LLM is frozen, so each prompt is embedded
-once and cached: the cache key hashes everything that changes the vector (model id, a fingerprint of
-its weights, instruction, text, pooling, dtype, max length). A corrupt or mismatched entry is detected
-and recomputed, never used.
-"""
+The LLM is any ``transformers.AutoModel``. Its input is the instruction plus the structured prompt; its
+output is the last hidden layer, mean-pooled with the attention mask (decoders such as Llama pad on the
+right). The LLM is frozen, so each prompt is embedded once and cached under a key that hashes everything
+that changes the vector (model id, a fingerprint of its weights, instruction, text, pooling, dtype, max
+length). A corrupt or mismatched entry is recomputed, never used."""
 
 from __future__ import annotations
 
@@ -166,10 +164,14 @@ class TextEncoder:
 
         self.spec = spec
         path = resolve_model_path(spec.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        try:  # corrupt or partial weights or tokenizer files
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            self.model = AutoModel.from_pretrained(str(path), dtype=_DTYPES[spec.dtype]).to(spec.device)
+        except Exception as err:
+            raise ConfigError("data.llm.model", f"cannot load the model in {path} ({type(err).__name__}: "
+                              f"{str(err)[:200]})", spec.model) from None  # fmt: skip
         if self.tokenizer.pad_token is None:  # decoder LLMs (Llama) ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModel.from_pretrained(str(path), dtype=_DTYPES[spec.dtype]).to(spec.device)
         self.model.eval().requires_grad_(False)
         self.forward_passes = 0
 
@@ -179,11 +181,8 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """Embed ``texts`` → (N, E) float32 on the CPU.
-
-        The LLM runs at full float32 matmul precision whatever the run's ``--float32_matmul_precision``:
-        the vectors are cached, and a cache entry must not depend on a training-speed option.
-        """
+        """Embed ``texts`` → (N, E) float32 on the CPU, at full float32 matmul precision whatever the
+        run's ``--float32_matmul_precision``: a cache entry must not depend on a training-speed option."""
         precision = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
         try:
@@ -222,8 +221,9 @@ class EmbeddingCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.pt"
 
-    def load(self, key: str) -> torch.Tensor | None:
-        """The cached vector, or None on a miss or an invalid entry (which is then recomputed)."""
+    def load(self, key: str, width: int | None = None) -> torch.Tensor | None:
+        """The cached vector, or None on a miss or an invalid entry (which is then recomputed): one not of
+        shape (``width``,) when the LLM's width is known."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -234,6 +234,7 @@ class EmbeddingCache:
                 entry["key"] == key
                 and isinstance(vec, torch.Tensor)
                 and vec.ndim == 1
+                and (width is None or vec.shape[0] == width)
                 and vec.dtype == torch.float32
                 and bool(torch.isfinite(vec).all())
                 and entry["sha256"] == hashlib.sha256(vec.numpy().tobytes()).hexdigest()
@@ -278,10 +279,10 @@ def embed_texts(
     Returns:
         name → (E,) float32 vector, and hit/miss/forward-pass counts.
     """
-    cache = EmbeddingCache(cache_dir)
-    fingerprint = weights_fingerprint(resolve_model_path(spec.model))
+    cache, folder = EmbeddingCache(cache_dir), resolve_model_path(spec.model)
+    fingerprint, width = weights_fingerprint(folder), embed_dim(spec)
     keys = {name: cache.key(spec, fingerprint, text) for name, text in texts.items()}
-    out = {name: vec for name, key in keys.items() if (vec := cache.load(key)) is not None}
+    out = {name: vec for name, key in keys.items() if (vec := cache.load(key, width)) is not None}
     missing = [name for name in texts if name not in out]
     passes = 0
     if missing:

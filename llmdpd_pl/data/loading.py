@@ -22,12 +22,6 @@ from llmdpd_pl.data.spec import minari_datasets_path, read_metadata
 from llmdpd_pl.errors import ConfigError
 
 
-def check_finite(array: np.ndarray, what: str) -> None:
-    if not np.isfinite(array).all():
-        bad = int((~np.isfinite(array)).sum())
-        raise ValueError(f"{what}: {bad} non-finite values (NaN/inf) in the data")
-
-
 def open_collected(path: Path) -> Any:
     """A dataset ``llmdpd collect`` built at ``path`` (its sidecar says it is complete)."""
     import minari
@@ -60,13 +54,24 @@ def open_by_id(dataset_id: str, root: str | Path) -> Any:
                       "that holds it)", dataset_id)  # fmt: skip
 
 
-def episodes(dataset: Any, what: str, indices: Sequence[int] | None = None) -> Iterator[Any]:
-    """The dataset's episodes (those of ``indices`` if given); a read error names ``what``."""
+def episodes(
+    dataset: Any, what: str, indices: Sequence[int] | None = None, key: str = "data.dataset.root"
+) -> Iterator[Any]:
+    """The dataset's episodes (those of ``indices`` if given). A read error, or a non-finite observation,
+    action or reward, is a :class:`ConfigError` under ``key``, the config key that named the dataset
+    (``data.dataset.root`` for a collected one, ``data.dataset_id``), that names ``what``."""
+    fix = "delete it and re-run `llmdpd collect`" if key == "data.dataset.root" else "download it again"
     try:
-        yield from dataset.iterate_episodes(indices)
+        for ep in dataset.iterate_episodes(indices):
+            for name in ("observations", "actions", "rewards"):
+                if bad := int((~np.isfinite(np.asarray(getattr(ep, name)))).sum()):
+                    raise ConfigError(key, f"{what}, episode {ep.id}: {bad} non-finite values (NaN/inf) in "
+                                      f"its {name}; the dataset cannot be trained on", what)  # fmt: skip
+            yield ep
+    except ConfigError:
+        raise
     except Exception as err:
-        raise ConfigError("data.dataset.root", f"{what} is corrupt ({type(err).__name__}: {err}); delete it "
-                          "and re-run `llmdpd collect`", what) from None  # fmt: skip
+        raise ConfigError(key, f"{what} is corrupt ({type(err).__name__}: {err}); {fix}", what) from None
 
 
 def to_transitions(
@@ -93,8 +98,6 @@ def to_transitions(
                     f"{what}: episode {ep.id} has {len(obs)} observations for {len(act)} actions; "
                     "expected T+1 for T"
                 )
-            for name, arr in (("observations", obs), ("actions", act), ("rewards", ep.rewards)):
-                check_finite(np.asarray(arr), f"{what}, episode {ep.id}, {name}")
             parts["obs"].append(obs[:-1])
             parts["next_obs"].append(obs[1:])
             parts["action"].append(act)
@@ -132,8 +135,6 @@ def prompt_trajectories(
             raise ConfigError("data.traj_prompt_windows", f"{what} has a {len(a)}-step episode, room for "
                               f"{-(-len(a) // span)} windows of {length} steps every {stride}",
                               windows)  # fmt: skip
-        check_finite(o, f"{what}, observations")
-        check_finite(a, f"{what}, actions")
         for w in range(windows):
             idx = np.minimum(w * span + np.arange(length) * stride, len(a) - 1)
             obs.append(torch.from_numpy(o[idx]).float())

@@ -22,6 +22,7 @@ from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.embeddings import EmbedStats, LLMSpec, TextEncoder, embed_texts
 from llmdpd_pl.data.spec import DatasetSpec
 from llmdpd_pl.envs import ACT_DIM, OBS_DIM
+from llmdpd_pl.errors import ConfigError
 from tests.conftest import EPISODE_STEPS, SEEN_TASKS, UNSEEN_TASKS, Collected
 
 BATCH = 64
@@ -390,7 +391,9 @@ def test_nan_in_the_data_names_task_and_field(
         values = f[f"episode_1/{field}"][()]
         values[index] = np.nan
         f[f"episode_1/{field}"][()] = values
-    message = str(_setup_error(dataset_copy, prepared.cache_dir))
+    error = _setup_error(dataset_copy, prepared.cache_dir)
+    assert isinstance(error, ConfigError) and error.key == "data.dataset.root"  # one line, no traceback
+    message = str(error)
     assert f"{kind} dataset of '{task}'" in message and field in message and "non-finite" in message
 
 
