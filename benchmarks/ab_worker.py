@@ -5,8 +5,7 @@
 Imports ``llmdpd_pl`` and the benchmark's ``updater`` from TREE, not from this checkout, so each side of
 the A/B runs its own commit's code. Builds and warms up the update, prints ``AB ready``, then for each line
 ``N`` on stdin runs N updates and prints ``AB <updates/s>``; stops at end of input. Inductor's on-disk
-caches are off, so the process compiles its own graphs. A tree without ``train_step.updater`` is run
-through its ``ab_blocks.updater``.
+caches are off, so the process compiles its own graphs.
 """
 
 from __future__ import annotations
@@ -26,16 +25,9 @@ def main() -> None:
     inductor_config.autotune_local_cache = False
     torch._functorch.config.enable_autograd_cache = False
     torch.manual_seed(0)
-    try:
-        from train_step import updater
+    from train_step import updater
 
-        step = updater(config, warmup)
-    except ImportError:
-        from ab_blocks import updater as old_updater
-        from ab_blocks import variant
-
-        variant("current").__enter__()
-        step = old_updater(config, "current", warmup).step
+    step = updater(config, warmup)
     import llmdpd_pl
 
     if Path(llmdpd_pl.__file__).resolve().parent.parent != tree.resolve():

@@ -98,7 +98,8 @@ class LLMDPDCLI(LightningCLI):
             self._given_model = {k: v for k, v in model.items() if k in written}
 
     def before_instantiate_classes(self) -> None:
-        torch.set_float32_matmul_precision(self._get(self.config, "float32_matmul_precision"))
+        precision = self.config.get(str(self.subcommand), self.config).float32_matmul_precision
+        torch.set_float32_matmul_precision(precision)
         if self.config.get("subcommand") == "test" and self.config.test.get("ckpt_path"):
             trained = torch.load(self.config.test.ckpt_path, map_location="cpu", weights_only=True)
             bank = trained.get("state_dict", {}).get("task_bank._extra_state") or {}

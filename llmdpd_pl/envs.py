@@ -4,7 +4,7 @@ Every task is built through :func:`make_metaworld`, which is registered with gym
 **string** entry point ``llmdpd_pl.envs:make_metaworld`` (id :data:`ENV_ID`). Meta-World registers its
 own ids with lambdas, which Minari cannot serialise; ours lets ``dataset.recover_environment()`` work.
 
-Pitfalls pinned by tests (DESIGN §5): ``reset(seed=...)`` is ignored by Meta-World, so all randomness
+Pitfalls pinned by ``tests/test_envs.py``: ``reset(seed=...)`` is ignored by Meta-World, so all randomness
 comes from the ``seed`` given at construction; scripted policies return unclipped actions.
 """
 

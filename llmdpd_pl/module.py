@@ -146,7 +146,7 @@ class LLMDPDModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Fit: fill the task bank (saved with the weights) from the datamodule. ``llmdpd test`` fills it
         after the checkpoint is restored (``RolloutEvaluation``)."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self.trainer.datamodule
         if stage == "fit" and getattr(dm, "task_prompts", None) is not None:
             self.task_bank.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
 

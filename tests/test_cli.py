@@ -342,7 +342,7 @@ def _ddp_by_hand(model_data: ModelData, initial: dict[str, Tensor], updates: int
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_identical_weights(model_data: ModelData, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """Plain ``ddp`` fails here (two backward passes on disjoint parameter sets, DESIGN §5).
+    """Plain ``ddp`` fails here (two backward passes on disjoint parameter sets).
 
     Two ranks do not equal one process on the two ranks' batches concatenated, and cannot: each rank
     draws its update's noise (diffusion steps, chain noise, the Q head of Eq. 7, the training prompt) from

@@ -1,6 +1,6 @@
 """Tests for llmdpd_pl.envs: task names, the registered string entry point, seeding, the clipped expert.
 
-The Meta-World pitfalls of DESIGN §5 are pinned here: ``reset(seed=...)`` is ignored (only the
+The Meta-World pitfalls are pinned here: ``reset(seed=...)`` is ignored (only the
 construction seed counts) and scripted policies return actions outside [-1, 1].
 """
 
@@ -107,7 +107,7 @@ def test_construction_seed_makes_resets_reproducible_and_reset_seed_is_ignored()
     a, b, c = make_env("reach", seed=0), make_env("reach", seed=0), make_env("reach", seed=1)
     try:
         obs_a, _ = a.reset(seed=1)
-        obs_b, _ = b.reset(seed=2)  # a different reset seed: Meta-World ignores it (DESIGN §5)
+        obs_b, _ = b.reset(seed=2)  # a different reset seed: Meta-World ignores it
         obs_c, _ = c.reset(seed=1)  # the same reset seed but another construction seed
         np.testing.assert_array_equal(obs_a, obs_b)
         assert not np.array_equal(obs_a, obs_c)

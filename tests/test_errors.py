@@ -202,7 +202,7 @@ def _damage(spec: DatasetSpec, task: str, how: str) -> None:
     if how == "sidecar":
         (path / METADATA_FILE).write_text("{not json")
         return
-    if how == "legacy":  # collected before checksums were recorded: the HDF5 file is opened instead
+    if how == "legacy":  # a sidecar without checksums: rebuilt, as a corrupt one
         meta = json.loads((path / METADATA_FILE).read_text())
         del meta["sha256"]
         (path / METADATA_FILE).write_text(json.dumps(meta))

@@ -58,3 +58,22 @@ def test_no_module_imports_from_a_layer_above() -> None:
 def test_no_package_file_is_over_300_lines() -> None:
     long = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
     assert {n: k for n, k in long.items() if k > 300} == {}
+
+
+def test_no_import_cycle_even_inside_a_layer() -> None:
+    graph = {name: {o for o in _imports(path) if o in LAYER} for name, path in _modules().items()}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        for other in sorted(graph[node]):
+            if other in path:
+                cycles.append([*path[path.index(other) :], other])
+            elif other not in done:
+                visit(other, [*path, other])
+        done.add(node)
+
+    done: set[str] = set()
+    for name in sorted(graph):
+        if name not in done:
+            visit(name, [name])
+    assert cycles == []

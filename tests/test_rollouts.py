@@ -2,7 +2,7 @@
 
 Episodes are shortened (``max_steps`` 30–150 instead of 500) where the claim does not need full
 episodes: building a Meta-World env costs ~0.6 s and dominates, so envs are reused where possible.
-The DESIGN §5 pitfalls pinned here: success at the truncating step lives in ``info["final_info"]``
+The Meta-World pitfalls pinned here: success at the truncating step lives in ``info["final_info"]``
 (SAME_STEP autoreset), and 7 episodes on 2 ranks must count as 7, not 8.
 """
 

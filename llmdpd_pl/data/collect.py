@@ -47,6 +47,7 @@ from llmdpd_pl.data.spec import (
     read_metadata,
     remove_stale_staging,
     staging_folder,
+    summarize,
 )
 from llmdpd_pl.envs import check_task_names
 from llmdpd_pl.errors import check_writable
@@ -181,25 +182,6 @@ def _reusable(spec: DatasetSpec, job: _Job) -> bool:
         log.warning("collect: dataset %s at %s is corrupt (%s); rebuilding it", dataset_id, path, problem)
         shutil.rmtree(path)
     return is_complete(spec, job.task, job.kind)
-
-
-def summarize(episodes: Sequence[Mapping[str, Any]], kind: str) -> list[dict[str, Any]]:
-    """Rows of task × level → episodes, transitions, success rate, mean return."""
-    rows: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for ep in episodes:
-        rows.setdefault((ep["task"], ep["level"]), []).append(ep)
-    return [
-        {
-            "task": task,
-            "kind": kind,
-            "level": level,
-            "episodes": len(eps),
-            "transitions": int(sum(e["length"] for e in eps)),
-            "success_rate": float(np.mean([e["success"] for e in eps])),
-            "mean_return": float(np.mean([e["return"] for e in eps])),
-        }
-        for (task, level), eps in rows.items()
-    ]
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:

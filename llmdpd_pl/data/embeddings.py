@@ -250,7 +250,7 @@ class EmbeddingCache:
         return vec
 
     def save(self, key: str, vec: torch.Tensor, meta: Mapping[str, str]) -> None:
-        """Write atomically (:func:`~llmdpd_pl.files.atomic_write`)."""
+        """Write atomically (:func:`~llmdpd_pl.utils.atomic_write`)."""
         vec = vec.detach().to(torch.float32).contiguous().cpu()
         entry = {"key": key, "embedding": vec, "sha256": hashlib.sha256(vec.numpy().tobytes()).hexdigest()}
         entry["meta"] = dict(meta)

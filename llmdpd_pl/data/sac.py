@@ -24,7 +24,6 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm.auto import tqdm
 
-from llmdpd_pl.data.collect import summarize
 from llmdpd_pl.data.spec import (
     METADATA_FILE,
     SACRecipe,
@@ -34,6 +33,7 @@ from llmdpd_pl.data.spec import (
     read_metadata,
     recipe_record,
     staging_folder,
+    summarize,
 )
 from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.locomotion import is_gym_env, make_locomotion, reference

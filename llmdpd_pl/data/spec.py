@@ -1,10 +1,9 @@
 """What a dataset is built from: quality levels, the dataset spec, and the metadata that says a dataset
 on disk is complete and was built from a given spec.
 
-Per task two Minari datasets live under ``root`` (the ``MINARI_DATASETS_PATH`` layout):
-``llmdpd/<task>/train-v<version>`` and ``llmdpd/<task>/prompts-v<version>``. Each folder holds
-``llmdpd.json``: the spec's recipe, per-episode metadata (level, seed, success, return, length) and the
-SHA-256 of every data file, which :func:`corruption` checks.
+Per task two Minari datasets live under ``root`` (``MINARI_DATASETS_PATH``'s layout), ``llmdpd/<task>/
+{train,prompts}-v<version>``, each with ``llmdpd.json``: the spec's recipe, per-episode metadata (level,
+seed, success, return, length) and the SHA-256 of every data file, which :func:`corruption` checks.
 """
 
 from __future__ import annotations
@@ -14,11 +13,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from llmdpd_pl.envs import check_task_names
 from llmdpd_pl.errors import ConfigError, at_least, within
@@ -177,8 +178,7 @@ class DatasetSpec:
 @contextmanager
 def minari_datasets_path(folder: Path) -> Iterator[None]:
     """Point Minari at ``folder`` (``MINARI_DATASETS_PATH``) inside the block, then restore the variable."""
-    previous = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(folder)
+    previous, os.environ["MINARI_DATASETS_PATH"] = os.environ.get("MINARI_DATASETS_PATH"), str(folder)
     try:
         yield
     finally:
@@ -187,8 +187,7 @@ def minari_datasets_path(folder: Path) -> Iterator[None]:
 
 
 def staging_folder(root: Path) -> Path:
-    """A new staging folder under ``root``, named after this process (``.staging-<pid>-<random>``), so that
-    :func:`remove_stale_staging` can tell a dead run's leftovers from a live run's work."""
+    """A new staging folder under ``root``, ``.staging-<pid>-<random>``: a dead run's can be told apart."""
     return Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=root))
 
 
@@ -198,7 +197,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
-        return True
+        pass
     return True
 
 
@@ -235,6 +234,25 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
+def summarize(episodes: Sequence[Mapping[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """Rows of task × level → episodes, transitions, success rate, mean return."""
+    rows: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for ep in episodes:
+        rows.setdefault((ep["task"], ep["level"]), []).append(ep)
+    return [
+        {
+            "task": task,
+            "kind": kind,
+            "level": level,
+            "episodes": len(eps),
+            "transitions": int(sum(e["length"] for e in eps)),
+            "success_rate": float(np.mean([e["success"] for e in eps])),
+            "mean_return": float(np.mean([e["return"] for e in eps])),
+        }
+        for (task, level), eps in rows.items()
+    ]
+
+
 def checksums(path: Path) -> dict[str, str]:
     """SHA-256 of every file under the dataset's ``data/`` folder (Minari's HDF5 and metadata), by path
     relative to the dataset folder."""
@@ -252,34 +270,20 @@ def corruption(path: Path) -> str | None:
     """What is wrong with the dataset folder at ``path``, or None if it is intact.
 
     Intact: its ``llmdpd.json`` is readable and every file whose SHA-256 it records has that SHA-256.
-    A dataset collected before checksums were recorded is checked for an HDF5 file that opens and holds
-    as many episodes as its ``llmdpd.json`` lists.
+    A dataset whose ``llmdpd.json`` records no checksums counts as corrupt, and is rebuilt.
     """
     try:
         meta = read_metadata(path)
     except ConfigError as err:
         return err.problem
     if "sha256" not in meta:
-        return _legacy_corruption(path, len(meta["episodes"]))
+        return f"{METADATA_FILE} records no checksums"
     found = checksums(path)
     for name, digest in meta["sha256"].items():
         if name not in found:
             return f"{name} is missing"
         if found[name] != digest:
             return f"{name} does not match its SHA-256 in {METADATA_FILE}"
-    return None
-
-
-def _legacy_corruption(path: Path, episodes: int) -> str | None:
-    import h5py
-
-    try:
-        with h5py.File(path / "data" / "main_data.hdf5", "r") as f:
-            found = sum(1 for name in f if name.startswith("episode_"))
-    except Exception as err:  # truncated or overwritten: h5py's OSError, or anything it raises
-        return f"data/main_data.hdf5 cannot be read ({type(err).__name__})"
-    if found != episodes:
-        return f"data/main_data.hdf5 holds {found} episodes, {METADATA_FILE} lists {episodes}"
     return None
 
 

@@ -71,7 +71,7 @@ def test_datasets_read_back_with_plain_minari(
             assert ep.actions.shape == (T, ACT_DIM) and ep.actions.dtype == np.float32
             assert np.all(np.abs(ep.actions) <= 1.0)
             assert ep.rewards.shape == (T,) and np.isfinite(ep.rewards).all()
-            assert np.asarray(ep.infos["success"]).shape == (T + 1,)  # like observations (DESIGN §5)
+            assert np.asarray(ep.infos["success"]).shape == (T + 1,)  # like observations
             assert not ep.terminations.any()
             assert ep.truncations[-1] and not ep.truncations[:-1].any()  # the time limit
 
