@@ -19,17 +19,11 @@ from llmdpd_pl.callbacks.provenance import Provenance, train_record
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.embeddings import LLMSpec, check_same_llm, llm_identity
 from llmdpd_pl.errors import ConfigError, reporting_user_errors
-from llmdpd_pl.module import LLMDPDModule
+from llmdpd_pl.module import ARCHITECTURE_KEYS, LLMDPDModule
 from llmdpd_pl.preflight import preflight, quiet_known_noise
 from llmdpd_pl.trainer import LLMDPDTrainer
 from llmdpd_pl.utils import git_commit
 
-#: ``model`` keys that shape the network or its inputs: ``llmdpd test`` takes them from the checkpoint only.
-ARCHITECTURE_KEYS = frozenset({
-    "obs_dim", "act_dim", "text_embed_dim", "traj_prompt_len", "prompts", "text_source", "text_seed",
-    "prompt_dim", "n_diffusion_steps", "beta_schedule", "hidden_dim", "traj_d_model", "traj_layers",
-    "traj_heads", "conditioning",
-})  # fmt: skip
 #: ``model`` keys whose value may change, but not whether it is 0: a lever that adds parameters when on.
 SWITCH_KEYS = frozenset({"prompt_dropout", "align_weight"})
 #: ``model`` keys that only change how a trained policy acts: ``llmdpd test`` applies the given value.

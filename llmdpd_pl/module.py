@@ -8,21 +8,21 @@ One training step is one *update* (manual optimization), :meth:`LLMDPDModule.upd
    updates the EMA actor.
 
 Lightning's ``global_step`` counts optimizer steps, two per update: ``trainer.max_steps = 2 × updates``.
-The module keeps its own counter, :attr:`updates`, for everything keyed on updates (EMA, logging).
-
-The math is in :mod:`llmdpd_pl.objectives`; acting is the policy's (``PromptedPolicy.select_action``).
+The module keeps its own counter, :attr:`updates`, for everything keyed on updates (EMA, logging). The
+math is in :mod:`llmdpd_pl.objectives`; acting is the policy's (``PromptedPolicy.select_action``).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from llmdpd_pl.data.batches import Batch
@@ -32,6 +32,11 @@ from llmdpd_pl.objectives import UpdateStats, actor_objective, critic_objective,
 from llmdpd_pl.policy import PolicySpec, PromptedPolicy, PromptMode, check_levers
 from llmdpd_pl.task_bank import TaskBank
 from llmdpd_pl.utils import clip_grad_norms, derive_seed, maybe_compiled
+
+#: The ``model`` keys that shape the network: the policy spec's (less the two the levers imply), and the task
+#: bank's text source. ``llmdpd test`` and resuming take them from the checkpoint.
+SPEC_KEYS = frozenset(f.name for f in fields(PolicySpec)) - {"null_prompt", "align_encoder"}
+ARCHITECTURE_KEYS = SPEC_KEYS | {"text_source", "text_seed"}
 
 
 class LLMDPDModule(L.LightningModule):
@@ -127,11 +132,8 @@ class LLMDPDModule(L.LightningModule):
             raise ConfigError("model.traj_heads", f"must divide traj_d_model ({traj_d_model})", traj_heads)
         check_levers(prompts, conditioning, prompt_dropout, guidance, align_weight)
         self.automatic_optimization = False
-        spec = PolicySpec(
-            obs_dim, act_dim, text_embed_dim, traj_prompt_len, prompts, prompt_dim, n_diffusion_steps,
-            beta_schedule, hidden_dim, traj_d_model, traj_layers, traj_heads, conditioning,
-            null_prompt=prompt_dropout > 0, align_encoder=align_weight > 0,
-        )  # fmt: skip
+        spec = PolicySpec(**{k: self.hparams[k] for k in SPEC_KEYS}, null_prompt=prompt_dropout > 0,
+                          align_encoder=align_weight > 0)  # fmt: skip
         self.policy = PromptedPolicy(spec, compile)
         self.critic = TwinCritic(obs_dim, act_dim, self.policy.cond_dim, hidden_dim)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -147,6 +149,8 @@ class LLMDPDModule(L.LightningModule):
         """Fit: fill the task bank (saved with the weights) from the datamodule. ``llmdpd test`` fills it
         after the checkpoint is restored (``RolloutEvaluation``)."""
         dm = self.trainer.datamodule
+        if stage == "fit" and not self._ema:  # ActorEMA attaches itself in its setup, which runs first
+            rank_zero_warn("fitting without the ActorEMA callback: Q-targets come from the online actor")
         if stage == "fit" and getattr(dm, "task_prompts", None) is not None:
             self.task_bank.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
 
@@ -208,12 +212,9 @@ class LLMDPDModule(L.LightningModule):
 
     @torch.no_grad()
     def ema_prompt_embeddings(self, prompt_index: Tensor) -> Tensor:
-        """The EMA actor's z of seen task t with trajectory prompt ``prompt_index[t]``: (T,) → (T, C).
-
-        The EMA's weights change only when :class:`ActorEMA` writes them (every ``every`` updates once it
-        averages), so the z of every training prompt of every seen task is computed once after each write
-        (:meth:`ema_updated`) or change of the task bank, and gathered until the next one.
-        """
+        """The EMA actor's z of seen task t with trajectory prompt ``prompt_index[t]``: (T,) → (T, C). Every
+        training prompt's z is computed once after each EMA write (:meth:`ema_updated`) or change of the
+        task bank, and gathered until the next one."""
         seen = torch.arange(self.task_bank.n_seen, device=self.device)
         if self._ema_z is None or self._ema_z_bank != self.task_bank.version:
             n = self._n_train_prompts()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,13 @@ def test_actor_ema_tells_the_module_when_it_writes(model_data: ModelData) -> Non
 def test_ema_rejects_bad_arguments(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         ActorEMA(**kwargs)
+
+
+@pytest.mark.parametrize("with_ema", [False, True])
+def test_fitting_without_actor_ema_says_so(model_data: ModelData, tmp_path: Path, with_ema: bool) -> None:
+    dm = make_datamodule(model_data)
+    callbacks = [ActorEMA(decay=0.5, start=0, every=1)] if with_ema else []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, 1, callbacks=callbacks).fit(make_module(dm), datamodule=dm)
+    assert any("without the ActorEMA callback" in str(w.message) for w in caught) != with_ema
