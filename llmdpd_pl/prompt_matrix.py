@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from matplotlib.figure import Figure  # no pyplot: no backend is chosen for the user
 
+from llmdpd_pl.media import MediaSink
 from llmdpd_pl.rollouts import TaskResult
 from llmdpd_pl.utils import atomic_write
 
@@ -80,12 +81,12 @@ def write_matrix(
 
 def report_matrix(
     rows: Sequence[TaskResult], tasks: Sequence[str], swap: Swap, directory: Path, meta: dict[str, Any],
-    writers: Sequence[Any] = (), step: int = 0,
+    sinks: Sequence[MediaSink] = (), step: int = 0,
 ) -> list[list[float]]:
-    """Write the matrix (:func:`write_matrix`), add its figure to the TensorBoard ``writers``, print it."""
+    """Write the matrix (:func:`write_matrix`), add its figure to the loggers' ``sinks``, print it."""
     json_path, png_path, fig = write_matrix(rows, tasks, swap, directory, meta)
-    for writer in writers:
-        writer.add_figure(f"test/prompt_matrix/{swap}", fig, step)
+    for sink in sinks:
+        sink.figure(f"test/prompt_matrix/{swap}", fig, step)
     matrix = success_matrix(rows, tasks)
     print(f"prompt-sensitivity matrix ({swap} swapped), success %:")
     print(format_matrix(matrix, tasks))

@@ -28,10 +28,10 @@ from typing import Any, Literal
 import gymnasium as gym
 import numpy as np
 from PIL import Image
-from tensorboard.compat.proto.summary_pb2 import Summary
 from tqdm.auto import tqdm
 
 from llmdpd_pl.envs import LayoutReset, layout_seed, make_env
+from llmdpd_pl.media import MediaSink
 from llmdpd_pl.rollouts import PolicyFn
 from llmdpd_pl.utils import PROGRESS_INTERVAL, atomic_write
 
@@ -123,13 +123,6 @@ def encode_gif(frames: np.ndarray, fps: int) -> bytes:
     return buffer.getvalue()
 
 
-def gif_summary(tag: str, gif: bytes, height: int, width: int) -> Summary:
-    """A TensorBoard image summary holding an animated GIF (what ``SummaryWriter.add_video`` writes,
-    without its moviepy dependency); TensorBoard's Images tab plays it."""
-    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
-    return Summary(value=[Summary.Value(tag=tag, image=image)])
-
-
 class VideoRecorder:
     """Records episodes of a policy per task as GIFs and TensorBoard images, with one env per task, built
     once (about 0.6 s) and reused.
@@ -158,11 +151,11 @@ class VideoRecorder:
         directory: Path,
         tag: str,
         step: int,
-        writers: Sequence[Any] = (),
+        sinks: Sequence[MediaSink] = (),
     ) -> list[dict[str, Any]]:
         """Episodes 0 … ``episodes`` − 1 of each (task, split) as ``directory/<split>/<task>_ep<k>.gif`` and,
-        for each TensorBoard ``SummaryWriter`` in ``writers``, an image ``<tag>/<split>/<task>/video_ep<k>``
-        at ``step``; one JSON entry per video."""
+        in each of the loggers' ``sinks``, a video ``<tag>/<split>/<task>/video_ep<k>`` at ``step``; one
+        JSON entry per video."""
         bar = tqdm(total=len(tasks) * episodes * self.max_steps, desc="video", unit="step", leave=False,
                    mininterval=PROGRESS_INTERVAL)  # fmt: skip
         entries = []
@@ -173,10 +166,9 @@ class VideoRecorder:
                 video = record_episode(policy, task, k, self._envs[task], self.max_steps, self.stride)
                 gif = encode_gif(video.frames, self.fps)
                 path = atomic_write(directory / split / f"{task}_ep{k}.gif", gif)
-                summary = gif_summary(f"{tag}/{split}/{task}/video_ep{k}", gif, *video.frames.shape[1:3])
-                for writer in writers:  # add_video's own route (it needs moviepy to encode)
-                    writer.file_writer.add_summary(summary, step)
-                    writer.flush()
+                height, width = video.frames.shape[1:3]
+                for sink in sinks:
+                    sink.gif(f"{tag}/{split}/{task}/video_ep{k}", gif, path, height, width, step)
                 entries.append({"task": task, "split": split, "episode": k, "path": str(path),
                                 "frames": len(video.frames), "success": video.success,
                                 "return": video.episode_return, "length": video.length})  # fmt: skip
@@ -188,10 +180,3 @@ class VideoRecorder:
         for env in self._envs.values():
             env.close()
         self._envs.clear()
-
-
-def tensorboards(trainer: Any) -> list[Any]:
-    """The ``SummaryWriter`` of each TensorBoard logger of a Lightning ``trainer``."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]

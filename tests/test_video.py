@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llmdpd_pl.media import gif_summary
 from llmdpd_pl.rollouts import PolicyFn, expert_policy, random_policy, run_episodes
 from llmdpd_pl.video import (
     MAX_GIF_FPS,
     camera_upside_down,
     encode_gif,
-    gif_summary,
     make_video_env,
     record_episode,
     upright,

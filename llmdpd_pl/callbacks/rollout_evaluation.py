@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from llmdpd_pl.acting import conditioning_record, module_policy
 from llmdpd_pl.data.embeddings import check_same_llm
 from llmdpd_pl.errors import ConfigError, at_least
+from llmdpd_pl.media import sinks
 from llmdpd_pl.prompt_matrix import Swap, prompt_sources, report_matrix
 from llmdpd_pl.rollouts import (
     Counts,
@@ -47,7 +48,7 @@ from llmdpd_pl.rollouts import (
 )
 from llmdpd_pl.suites import episode_steps, make_eval_envs
 from llmdpd_pl.utils import PROGRESS_INTERVAL
-from llmdpd_pl.video import MAX_GIF_FPS, CameraName, VideoRecorder, tensorboards
+from llmdpd_pl.video import MAX_GIF_FPS, CameraName, VideoRecorder
 
 
 class RolloutEvaluation(L.Callback):
@@ -232,7 +233,7 @@ class RolloutEvaluation(L.Callback):
             directory = Path(trainer.log_dir or ".") / "videos" / f"update{pl_module.updates}"
             agent = self._agent(pl_module, self.seed + pl_module.updates)
             self.recorder.record(agent[0], self._tasks(trainer, seen=True), self.video_episodes, directory,
-                                 "eval", step, tensorboards(trainer))  # fmt: skip
+                                 "eval", step, sinks(trainer))  # fmt: skip
 
     def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         """Condition the restored model on the config's prompts, or check the checkpoint's banks' tasks."""
@@ -265,7 +266,7 @@ class RolloutEvaluation(L.Callback):
             # scored episodes ran before them, and those ran before the videos, unchanged by them.
             agent = self._agent(pl_module, self.seed)[0]
             self.videos = self.recorder.record(agent, tasks, self.video_episodes, log_dir / "videos" / "test",
-                                               "test", pl_module.updates, tensorboards(trainer))  # fmt: skip
+                                               "test", pl_module.updates, sinks(trainer))  # fmt: skip
         meta = {
             "episodes_per_task": self.test_episodes, "prompt_index": self.prompt_index,
             "prompts_from": self.prompts_from, "seed": self.seed, "max_steps": self.max_steps,
@@ -295,6 +296,6 @@ class RolloutEvaluation(L.Callback):
                       meta: dict[str, Any], log_dir: Path) -> None:  # fmt: skip
         assert self.prompt_swap is not None
         meta = {**meta, "episodes_per_cell": self.test_episodes}
-        self.matrix = report_matrix(rows, tasks, self.prompt_swap, log_dir, meta, tensorboards(trainer),
+        self.matrix = report_matrix(rows, tasks, self.prompt_swap, log_dir, meta, sinks(trainer),
                                     pl_module.updates)  # fmt: skip
 
