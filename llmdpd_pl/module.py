@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from llmdpd_pl.averaging import soft_update
 from llmdpd_pl.data.batches import Batch
 from llmdpd_pl.errors import ConfigError, at_least, within
 from llmdpd_pl.networks import TwinCritic
@@ -275,9 +276,7 @@ class LLMDPDModule(L.LightningModule):
         actor_opt.step()
 
         # 3. Target critics: φ' ← (1 − τ) φ' + τ φ.
-        with torch.no_grad():
-            target, online = list(self.critic_target.parameters()), list(self.critic.parameters())
-            torch._foreach_lerp_(target, online, hp["tau"])
+        soft_update(self.critic_target.parameters(), self.critic.parameters(), hp["tau"])
         self.updates += 1
         return UpdateStats(c, a, c_norms, a_norms, a_new)
 

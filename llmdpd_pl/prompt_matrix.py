@@ -34,8 +34,8 @@ def prompt_sources(tasks: Sequence[str], source: str, swap: Swap) -> dict[str, t
 
 
 def success_matrix(rows: Sequence[TaskResult], tasks: Sequence[str]) -> list[list[float]]:
-    """Success rates [env task][prompt source] from rows whose ``policy`` names the prompt source."""
-    rate = {(r.task, r.policy): r.success_rate for r in rows}
+    """Success rates [env task][prompt source] from the agent's rows, by their ``prompt_source``."""
+    rate = {(r.task, r.prompt_source or r.task): r.success_rate for r in rows if r.policy == "agent"}
     if none := sorted({t for (t, _), v in rate.items() if v is None}):
         raise ValueError(f"prompt_swap: the matrix compares success rates, which {none} do not have")
     return [[float(rate[(t, u)] or 0.0) for u in tasks] for t in tasks]
@@ -71,7 +71,7 @@ def write_matrix(
     """
     matrix = success_matrix(rows, tasks)
     data = {"meta": meta, "swap": swap, "tasks": list(tasks), "success": matrix,
-            "cells": [{**asdict(r), "prompt_source": r.policy} for r in rows]}  # fmt: skip
+            "cells": [asdict(r) for r in rows]}  # fmt: skip
     json_path = atomic_write(directory / "prompt_matrix.json", json.dumps(data, indent=2).encode())
     fig = heatmap(matrix, tasks, swap, f"success by prompt source, {meta.get('episodes_per_cell')} episodes")
     png = io.BytesIO()

@@ -74,8 +74,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 
 @dataclass(frozen=True)
 class TaskResult:
-    """One row of the results table. Success fields are None on locomotion; the normalised score (mean
-    over episodes, %) is None on Meta-World and on envs without D4RL reference returns."""
+    """One row of the results table: ``policy`` is ``agent`` or a reference (``expert``, ``expert-blind``);
+    ``prompt_source`` names the task whose prompts conditioned the agent when not its own (the prompt
+    matrix), else None. Success fields are None on locomotion; the normalised score (mean over episodes,
+    %) is None on Meta-World and on envs without D4RL reference returns."""
 
     task: str
     split: str
@@ -89,6 +91,7 @@ class TaskResult:
     mean_steps_to_success: float | None
     return_std: float = 0.0
     normalized_score: float | None = None
+    prompt_source: str | None = None
 
     @classmethod
     def from_counts(cls, task: str, split: str, policy: str, c: Counts) -> TaskResult:

@@ -1,4 +1,5 @@
-"""Shared helpers for the model tests (test_module, test_ema, test_cli): a tiny real dataset, tiny models.
+"""Shared helpers for the model tests (test_module, test_acting, callbacks/test_ema, test_cli, ...): a tiny
+real dataset, tiny models.
 
 The data is conftest's session collection (``collected``); this adds an embedding cache for it. Import
 the fixtures into a test file (``from tests.model_fixtures import model_data, one_thread``); pytest then
@@ -117,6 +118,23 @@ def bank_module(data: ModelData, **overrides: Any) -> tuple[LLMDPDModule, Prompt
     assert dm.task_prompts is not None
     module.task_bank.fill(dm.task_prompts, dm.obs_mean, dm.obs_std, len(dm.seen_tasks))
     return module, dm
+
+
+def fit(model_data: ModelData, tmp_path: Path, updates: int, module_kw: dict[str, Any] | None = None,
+        callbacks: list[L.Callback] | None = None, seed: int = 0) -> tuple[LLMDPDModule, L.Trainer]:
+    """Seeds, then fits a tiny module on the tiny data for ``updates`` updates."""
+    L.seed_everything(seed, verbose=False)
+    dm = make_datamodule(model_data)
+    module = make_module(dm, **(module_kw or {}))
+    trainer = make_trainer(tmp_path, updates, callbacks=callbacks or [])
+    trainer.fit(module, datamodule=dm)
+    return module, trainer
+
+
+def normalized(module: LLMDPDModule, batch: Batch) -> Batch:
+    """``batch`` with its states normalized by the module's task bank, as the update sees them."""
+    bank = module.task_bank
+    return dataclasses.replace(batch, obs=bank.normalize(batch.obs), next_obs=bank.normalize(batch.next_obs))
 
 
 def bandit_data(n: int = 1000, good_fraction: float = 0.2, seed: int = 1) -> Transitions:

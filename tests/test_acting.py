@@ -1,6 +1,8 @@
-"""Tests for llmdpd_pl.acting: what the user runs responds to its prompts, at a fixed state and noise.
+"""Tests for llmdpd_pl.acting: ``act``'s shape, bounds and reproducibility, its q_softmax pick among the
+candidates, its use of the EMA policy, and that what the user runs responds to its prompts, at a fixed
+state and noise.
 
-Two depths. The public acting path (``act`` and ``module_policy``, both through
+The prompt tests run at two depths. The public acting path (``act`` and ``module_policy``, both through
 ``PromptedPolicy.select_action``) on a tiny untrained module with the real task bank (MiniLM embeddings of
 the packaged prompts, the session's Meta-World prompt trajectories); and ``llmdpd test`` end to end on
 checkpoints of one update. Random weights suffice: every prompt input reaches the denoiser, so another
@@ -20,10 +22,20 @@ import pytest
 import torch
 from torch import Tensor
 
-from llmdpd_pl.acting import act, module_policy
+from llmdpd_pl.acting import act, act_conditioned, module_policy, task_conditioning
+from llmdpd_pl.callbacks.ema import ActorEMA
 from llmdpd_pl.cli import main
 from llmdpd_pl.module import LLMDPDModule
-from tests.model_fixtures import ModelData, bank_module, make_datamodule, model_data, one_thread, write_config
+from llmdpd_pl.policy import scored_candidates
+from tests.model_fixtures import (
+    ModelData,
+    bank_module,
+    fit,
+    make_datamodule,
+    model_data,
+    one_thread,
+    write_config,
+)
 
 __all__ = ["model_data", "one_thread"]  # fixtures imported for pytest
 
@@ -97,6 +109,72 @@ def test_without_prompts_the_actions_ignore_them(model_data: ModelData, selectio
     assert np.array_equal(_policy_actions(module, states, 0, {"reach": ("push", "push")}), own)
     _override_bank(module, model_data)
     assert torch.equal(_actions(module, states, BOX_CLOSE), base)
+
+
+# ----------------------------------------------------------------------------- act: shape, selection, EMA
+@pytest.mark.parametrize("selection", ["sample", "q_softmax"])
+def test_act_shape_bounds_and_reproducibility(model_data: ModelData, selection: str) -> None:
+    module, dm = bank_module(model_data, action_selection=selection)
+    assert dm.transitions is not None
+    obs = dm.transitions.obs[:12]  # (N, S) raw states
+    tasks = torch.tensor([0, 1, 2] * 4)  # seen and unseen tasks mixed
+    a1 = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
+    a2 = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
+    a3 = act(module, obs, tasks, generator=torch.Generator().manual_seed(1))
+    assert a1.shape == (12, dm.act_dim)
+    assert a1.abs().max() <= 1.0
+    assert torch.equal(a1, a2)
+    assert not torch.equal(a1, a3)
+
+
+def test_q_softmax_picks_the_candidate_of_highest_clipped_double_q(model_data: ModelData) -> None:
+    """With Q scaled up, softmax(min(Q1', Q2')) is one-hot: each state's pick is its best candidate.
+
+    Near-ties (candidates clipped to the same bound, say) may go either way, so the test requires the
+    picked candidate's min-Q to be within 10 (a softmax odds of e^-10) of the best, where the candidates'
+    values spread over thousands.
+    """
+    torch.manual_seed(0)
+    module, dm = bank_module(model_data, action_selection="q_softmax", n_action_candidates=8)
+    assert dm.transitions is not None
+    obs, tasks = dm.transitions.obs[:12], torch.tensor([0, 1, 2] * 4)  # (N, S) raw, (N,)
+    cond, critic_cond = (c[tasks] for c in task_conditioning(module, torch.arange(3)))
+
+    def candidates() -> tuple[Tensor, Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        noise = module.ema_policy.diffusion.chain_noise((12 * 8, dm.act_dim), gen)  # act's first draw
+        return scored_candidates(
+            module.ema_policy, module.critic_target, module.task_bank.normalize(obs), cond, critic_cond, noise
+        )  # (N·8, A), (N, 8), (N, 8)
+
+    with torch.no_grad():  # centre each head on these candidates, then scale: the heads' orders cross
+        _, q1, q2 = candidates()
+        last = module.critic_target.layers[-1]
+        last.bias.sub_(torch.stack([q1.mean(), q2.mean()]).view(2, 1, 1)).mul_(1e6)
+        last.weight.mul_(1e6)
+        cand, q1, q2 = candidates()
+    q = torch.minimum(q1, q2)  # (N, 8)
+    best = q.argmax(dim=1)  # (N,)
+    assert not torch.equal(best, q1.argmax(dim=1)) and not torch.equal(best, q2.argmax(dim=1))
+    assert (q.amax(dim=1) - q.amin(dim=1)).min() > 1000
+
+    picked = act_conditioned(module, obs, cond, critic_cond, torch.Generator().manual_seed(0))  # (N, A)
+    same = (cand.view(12, 8, -1) - picked[:, None]).abs().amax(dim=-1) < 1e-6  # (N, 8): the picked candidate
+    assert same.any(dim=1).all()
+    q_picked = q.masked_fill(~same, -torch.inf).amax(dim=1)  # (N,)
+    assert (q_picked >= q.amax(dim=1) - 10).all()
+
+
+def test_act_uses_ema_policy(model_data: ModelData, tmp_path: Path) -> None:
+    ema = ActorEMA(decay=0.5, start=0, every=1)
+    module, _ = fit(model_data, tmp_path, updates=2, callbacks=[ema],
+                     module_kw={"action_selection": "sample"})
+    assert ema.averaged is not None and module.ema_policy is ema.averaged.module
+    obs, tasks = torch.zeros(4, module.hparams.obs_dim), torch.zeros(4, dtype=torch.long)
+    a_ema = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
+    module._ema = ()  # detach the EMA: act falls back to the online policy
+    a_online = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(a_ema, a_online)
 
 
 # ----------------------------------------------------------------------------- through `llmdpd test`

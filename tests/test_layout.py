@@ -10,7 +10,7 @@ import llmdpd_pl
 LAYERS = [
     ["utils", "errors", "stats"],
     ["hidden_goal", "envs", "locomotion", "suites"],
-    ["schedules", "diffusion", "losses"],
+    ["schedules", "diffusion", "losses", "averaging"],
     ["layers", "networks", "prompt_encoders"],
     ["policy", "task_bank"],
     ["data.prompts", "data.embeddings", "data.spec", "data.collect", "data.sac", "data.batches",

@@ -1,5 +1,5 @@
-"""Behaviour and learning tests of ``LLMDPDModule``: optimizer split, gradient flow, updates, learning,
-ablations, acting, resume.
+"""Tests for llmdpd_pl.module: ``LLMDPDModule``'s optimizer split, gradient flow, updates, learning,
+prompt modes and resume.
 
 Everything runs on the tiny real dataset of ``model_fixtures`` (Meta-World reach/push seen, box-close
 unseen, MiniLM text embeddings), except the learning test, which builds a 1-step bandit from tensors.
@@ -8,7 +8,7 @@ unseen, MiniLM text embeddings), except the learning test, which builds a 1-step
 from __future__ import annotations
 
 import copy
-from dataclasses import fields, replace
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,23 +19,22 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from llmdpd_pl.acting import act, act_conditioned, task_conditioning
 from llmdpd_pl.callbacks.ema import ActorEMA
 from llmdpd_pl.data.batches import Batch, BatchStream
 from llmdpd_pl.module import LLMDPDModule
-from llmdpd_pl.objectives import actor_objective, critic_objective, draw
-from llmdpd_pl.policy import scored_candidates
-from llmdpd_pl.utils import clip_grad_norms, maybe_compiled
+from llmdpd_pl.objectives import actor_objective, draw
 from tests.model_fixtures import (
     ModelData,
     bandit_data,
     bandit_prompts,
     bank_module,
+    fit,
     make_datamodule,
     make_module,
     make_trainer,
     max_abs_diff,
     model_data,
+    normalized,
     one_thread,
     trained_state,
 )
@@ -55,19 +54,9 @@ def _same(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _fit(model_data: ModelData, tmp_path: Path, updates: int, module_kw: dict[str, Any] | None = None,
-         callbacks: list[L.Callback] | None = None, seed: int = 0) -> tuple[LLMDPDModule, L.Trainer]:
-    L.seed_everything(seed, verbose=False)
-    dm = make_datamodule(model_data)
-    module = make_module(dm, **(module_kw or {}))
-    trainer = make_trainer(tmp_path, updates, callbacks=callbacks or [])
-    trainer.fit(module, datamodule=dm)
-    return module, trainer
-
-
 # ----------------------------------------------------------------------------- optimizer split
 def test_optimizers_hold_exactly_policy_and_critic_parameters(model_data: ModelData, tmp_path: Path) -> None:
-    module, trainer = _fit(model_data, tmp_path, updates=1)
+    module, trainer = fit(model_data, tmp_path, updates=1)
     critic_opt, actor_opt = trainer.optimizers
 
     def ids(opt: torch.optim.Optimizer) -> list[int]:
@@ -107,7 +96,7 @@ class _StepRecorder(L.Callback):
 
 def test_critic_step_leaves_actor_and_actor_step_leaves_critic(model_data: ModelData, tmp_path: Path) -> None:
     recorder = _StepRecorder()
-    _fit(model_data, tmp_path, updates=1, callbacks=[recorder])
+    fit(model_data, tmp_path, updates=1, callbacks=[recorder])
     r = recorder.records
     assert set(r) == {"start", "critic_pre", "critic_post", "actor_pre", "actor_post"}
     # Critic step: the critic moves, the policy does not, and the critic loss put no gradient in the policy
@@ -125,13 +114,8 @@ def test_critic_step_leaves_actor_and_actor_step_leaves_critic(model_data: Model
 
 
 # ----------------------------------------------------------------------------- gradient flow
-def _normalized(module: LLMDPDModule, batch: Batch) -> Batch:
-    bank = module.task_bank
-    return replace(batch, obs=bank.normalize(batch.obs), next_obs=bank.normalize(batch.next_obs))
-
-
 def _actor_losses(module: LLMDPDModule, dm: Any) -> Any:
-    batch = _normalized(module, dm.stream.sample(0))
+    batch = normalized(module, dm.stream.sample(0))
     draws = draw(module.policy.diffusion, batch.action, 1, torch.Generator().manual_seed(0))
     seen = torch.arange(module.task_bank.n_seen)
     z = module.policy.encode_prompts(*module.task_bank.prompts(seen, torch.zeros_like(seen)))
@@ -205,7 +189,7 @@ def test_every_parameter_moves_and_targets_follow_soft_update(model_data: ModelD
 
 def test_updates_counter_is_half_of_global_step(model_data: ModelData, tmp_path: Path) -> None:
     n = 3
-    module, trainer = _fit(model_data, tmp_path, updates=n)
+    module, trainer = fit(model_data, tmp_path, updates=n)
     assert module.updates == n
     assert trainer.global_step == 2 * n
 
@@ -291,7 +275,7 @@ def test_q_term_moves_policy_from_behaviour_mode_to_better_action(tmp_path: Path
 # ----------------------------------------------------------------------------- ablations
 @pytest.mark.parametrize("prompts", ["both", "text", "trajectory", "none"])
 def test_prompt_modes_build_and_train(model_data: ModelData, tmp_path: Path, prompts: str) -> None:
-    module, trainer = _fit(model_data, tmp_path, updates=1, module_kw={"prompts": prompts})
+    module, trainer = fit(model_data, tmp_path, updates=1, module_kw={"prompts": prompts})
     prompt_dim = module.hparams.prompt_dim
     expected = {"both": 2, "text": 1, "trajectory": 1, "none": 0}[prompts] * prompt_dim
     assert module.policy.cond_dim == module.critic.cond_dim == expected
@@ -299,73 +283,6 @@ def test_prompt_modes_build_and_train(model_data: ModelData, tmp_path: Path, pro
     assert (module.policy.traj_encoder is not None) == (prompts in ("both", "trajectory"))
     assert module.updates == 1 and trainer.global_step == 2
     assert all(torch.isfinite(p).all() for p in module.parameters())
-
-
-# ----------------------------------------------------------------------------- acting
-@pytest.mark.parametrize("selection", ["sample", "q_softmax"])
-def test_act_shape_bounds_and_reproducibility(model_data: ModelData, selection: str) -> None:
-    module, dm = bank_module(model_data, action_selection=selection)
-    assert dm.transitions is not None
-    obs = dm.transitions.obs[:12]  # (N, S) raw states
-    tasks = torch.tensor([0, 1, 2] * 4)  # seen and unseen tasks mixed
-    a1 = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
-    a2 = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
-    a3 = act(module, obs, tasks, generator=torch.Generator().manual_seed(1))
-    assert a1.shape == (12, dm.act_dim)
-    assert a1.abs().max() <= 1.0
-    assert torch.equal(a1, a2)
-    assert not torch.equal(a1, a3)
-
-
-def test_q_softmax_picks_the_candidate_of_highest_clipped_double_q(model_data: ModelData) -> None:
-    """With Q scaled up, softmax(min(Q1', Q2')) is one-hot: each state's pick is its best candidate.
-
-    Near-ties (candidates clipped to the same bound, say) may go either way, so the test requires the
-    picked candidate's min-Q to be within 10 (a softmax odds of e^-10) of the best, where the candidates'
-    values spread over thousands.
-    """
-    torch.manual_seed(0)
-    module, dm = bank_module(model_data, action_selection="q_softmax", n_action_candidates=8)
-    assert dm.transitions is not None
-    obs, tasks = dm.transitions.obs[:12], torch.tensor([0, 1, 2] * 4)  # (N, S) raw, (N,)
-    cond, critic_cond = (c[tasks] for c in task_conditioning(module, torch.arange(3)))
-
-    def candidates() -> tuple[Tensor, Tensor, Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        noise = module.ema_policy.diffusion.chain_noise((12 * 8, dm.act_dim), gen)  # act's first draw
-        return scored_candidates(
-            module.ema_policy, module.critic_target, module.task_bank.normalize(obs), cond, critic_cond, noise
-        )  # (N·8, A), (N, 8), (N, 8)
-
-    with torch.no_grad():  # centre each head on these candidates, then scale: the heads' orders cross
-        _, q1, q2 = candidates()
-        last = module.critic_target.layers[-1]
-        last.bias.sub_(torch.stack([q1.mean(), q2.mean()]).view(2, 1, 1)).mul_(1e6)
-        last.weight.mul_(1e6)
-        cand, q1, q2 = candidates()
-    q = torch.minimum(q1, q2)  # (N, 8)
-    best = q.argmax(dim=1)  # (N,)
-    assert not torch.equal(best, q1.argmax(dim=1)) and not torch.equal(best, q2.argmax(dim=1))
-    assert (q.amax(dim=1) - q.amin(dim=1)).min() > 1000
-
-    picked = act_conditioned(module, obs, cond, critic_cond, torch.Generator().manual_seed(0))  # (N, A)
-    same = (cand.view(12, 8, -1) - picked[:, None]).abs().amax(dim=-1) < 1e-6  # (N, 8): the picked candidate
-    assert same.any(dim=1).all()
-    q_picked = q.masked_fill(~same, -torch.inf).amax(dim=1)  # (N,)
-    assert (q_picked >= q.amax(dim=1) - 10).all()
-
-
-def test_act_uses_ema_policy(model_data: ModelData, tmp_path: Path) -> None:
-    ema = ActorEMA(decay=0.5, start=0, every=1)
-    module, _ = _fit(model_data, tmp_path, updates=2, callbacks=[ema],
-                     module_kw={"action_selection": "sample"})
-    assert ema.averaged is not None and module.ema_policy is ema.averaged.module
-    obs, tasks = torch.zeros(4, module.hparams.obs_dim), torch.zeros(4, dtype=torch.long)
-    a_ema = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
-    module._ema = ()  # detach the EMA: act falls back to the online policy
-    a_online = act(module, obs, tasks, generator=torch.Generator().manual_seed(0))
-    assert not torch.equal(a_ema, a_online)
-
 
 
 # ----------------------------------------------------------------------------- resume
@@ -434,87 +351,3 @@ def test_resume_matches_uninterrupted_run(model_data: ModelData, tmp_path: Path,
     diff = max_abs_diff(resumed, full)
     print(f"resume ({saved}) max abs diff: {diff:.3g}")
     assert diff <= 1e-6
-
-
-# ----------------------------------------------------------------------------- compile
-@pytest.mark.slow
-def test_compiled_objectives_match_eager(model_data: ModelData) -> None:
-    """compile=True runs the same objectives and acting: same losses, gradients, actions, up to rounding."""
-    module, dm = bank_module(model_data)
-    assert dm.stream is not None
-    raw = dm.stream.sample(0)
-    batch = _normalized(module, raw)
-    seen = torch.arange(module.task_bank.n_seen)
-    index = torch.zeros_like(seen)
-
-    def losses_and_grads() -> tuple[list[Tensor], list[Tensor]]:
-        module.zero_grad(set_to_none=True)
-        compile_ = module.hparams["compile"]
-        critic = maybe_compiled(critic_objective, compile_)
-        actor = maybe_compiled(actor_objective, compile_)
-        z, ema_z = module.encode_prompts(module.policy, seen, index), module.ema_prompt_embeddings(index)
-        draws = draw(module.policy.diffusion, batch.action, 1, torch.Generator().manual_seed(0))
-        c = critic(module.critic, module.critic_target, module.ema_policy, batch, z, ema_z, draws, 0.99)
-        c.loss.backward()
-        module.critic.requires_grad_(False)
-        a, a_new = actor(module.policy, module.critic, batch, z, draws, module.hparams["eta"])
-        a.loss.backward()
-        module.critic.requires_grad_(True)
-        grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
-        actions = []
-        for selection in ("sample", "q_softmax"):
-            module.hparams["action_selection"] = selection
-            actions.append(act(module, raw.obs, raw.task_id, generator=torch.Generator().manual_seed(2)))
-        return [z, ema_z, c.loss, c.target_mean, a.bc_loss, a.q_loss, a_new, *actions], grads
-
-    eager_values, eager_grads = losses_and_grads()
-    module.hparams["compile"] = module.ema_policy.compile_acting = True
-    module.ema_updated()  # re-encode the EMA table through the compiled encoder too
-    values, grads = losses_and_grads()
-    assert len(grads) == len(eager_grads) > 0
-    # Fused generated kernels vs eager ATen ops: float32 rounding of O(1) values through ~6 layers.
-    for got, want in zip([*values, *grads], [*eager_values, *eager_grads], strict=True):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-
-
-# ---------------------------------------------------------------------------------------- gradient clipping
-def _with_grads(*shapes: tuple[int, ...], scale: float, seed: int) -> list[nn.Parameter]:
-    gen = torch.Generator().manual_seed(seed)
-    params = [nn.Parameter(torch.zeros(shape)) for shape in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen) * scale
-    return params
-
-
-def _flat_grads(params: list[nn.Parameter]) -> Tensor:
-    return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
-
-
-def test_clip_grad_norms_clips_the_groups_jointly() -> None:
-    a, b = _with_grads((3, 4), (5,), scale=10.0, seed=0), _with_grads((2, 2), scale=10.0, seed=1)
-    before_a, before_b = _flat_grads(a).clone(), _flat_grads(b).clone()
-    norms = clip_grad_norms({"a": a, "b": b}, 1.0)
-    assert norms["a"].item() == pytest.approx(before_a.norm().item(), rel=1e-6)
-    assert norms["b"].item() == pytest.approx(before_b.norm().item(), rel=1e-6)
-    assert norms["total"].item() == pytest.approx(torch.cat([before_a, before_b]).norm().item(), rel=1e-6)
-    assert _flat_grads(a + b).norm().item() == pytest.approx(1.0, rel=1e-5)
-    factor = 1.0 / (norms["total"].item() + 1e-6)  # one factor for both groups
-    torch.testing.assert_close(_flat_grads(a), before_a * factor)
-    torch.testing.assert_close(_flat_grads(b), before_b * factor)
-
-
-@pytest.mark.parametrize("max_norm", [1.0, 0.0])
-def test_clip_grad_norms_keeps_gradients_within_the_limit_or_without_one(max_norm: float) -> None:
-    scale = 1e-3 if max_norm > 0 else 1e3  # under the limit, or large with clipping off
-    params = _with_grads((3, 4), (5,), scale=scale, seed=2)
-    before = _flat_grads(params).clone()
-    norms = clip_grad_norms({"a": params}, max_norm)
-    assert torch.equal(_flat_grads(params), before)
-    assert norms["total"].item() == pytest.approx(before.norm().item(), rel=1e-6)
-
-
-def test_clip_grad_norms_spreads_a_nan_instead_of_hiding_it() -> None:
-    params = _with_grads((3,), (4,), scale=1.0, seed=3)
-    params[0].grad[1] = float("nan")  # type: ignore[index]
-    assert clip_grad_norms({"a": params}, 1.0)["total"].isnan()
-    assert _flat_grads(params).isnan().all()

@@ -2,7 +2,9 @@
 
 The objectives are pure functions of networks and tensors, so these tests build small real networks
 (``PromptedPolicy`` with both prompt encoders, ``TwinCritic``) and random inputs, and recompute each
-objective's result with the networks called one row (or one row's candidates) at a time.
+objective's result with the networks called one row (or one row's candidates) at a time. One slow test
+runs the objectives and acting compiled (``compile=True``) against eager on a tiny module with the real
+task bank of ``model_fixtures``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmdpd_pl.acting import act
 from llmdpd_pl.data.batches import Batch
 from llmdpd_pl.losses import actor_q_term, diffusion_loss
 from llmdpd_pl.networks import TwinCritic
-from llmdpd_pl.objectives import Draws, actor_objective, critic_objective
+from llmdpd_pl.objectives import Draws, actor_objective, critic_objective, draw
 from llmdpd_pl.policy import PolicySpec, PromptedPolicy, scored_candidates
+from llmdpd_pl.utils import maybe_compiled
+from tests.model_fixtures import ModelData, bank_module, model_data, normalized, one_thread
+
+__all__ = ["model_data", "one_thread"]  # fixtures imported for pytest
 
 # The same float32 computation on batches of different sizes (row-wise references): a few ulps.
 ROW_TOL = 1e-5
@@ -179,3 +186,44 @@ def test_actor_objective_trains_the_policy_and_prompt_encoders_not_the_critic() 
         missing = [n for n, p in policy.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
         assert missing == [], f"eta={eta}: no gradient in {missing}"
         assert all(p.grad is None for p in critic.parameters())
+
+
+# ----------------------------------------------------------------------------- compiled against eager
+@pytest.mark.slow
+def test_compiled_objectives_match_eager(model_data: ModelData) -> None:
+    """compile=True runs the same objectives and acting: same losses, gradients, actions, up to rounding."""
+    module, dm = bank_module(model_data)
+    assert dm.stream is not None
+    raw = dm.stream.sample(0)
+    batch = normalized(module, raw)
+    seen = torch.arange(module.task_bank.n_seen)
+    index = torch.zeros_like(seen)
+
+    def losses_and_grads() -> tuple[list[Tensor], list[Tensor]]:
+        module.zero_grad(set_to_none=True)
+        compile_ = module.hparams["compile"]
+        critic = maybe_compiled(critic_objective, compile_)
+        actor = maybe_compiled(actor_objective, compile_)
+        z, ema_z = module.encode_prompts(module.policy, seen, index), module.ema_prompt_embeddings(index)
+        draws = draw(module.policy.diffusion, batch.action, 1, torch.Generator().manual_seed(0))
+        c = critic(module.critic, module.critic_target, module.ema_policy, batch, z, ema_z, draws, 0.99)
+        c.loss.backward()
+        module.critic.requires_grad_(False)
+        a, a_new = actor(module.policy, module.critic, batch, z, draws, module.hparams["eta"])
+        a.loss.backward()
+        module.critic.requires_grad_(True)
+        grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+        actions = []
+        for selection in ("sample", "q_softmax"):
+            module.hparams["action_selection"] = selection
+            actions.append(act(module, raw.obs, raw.task_id, generator=torch.Generator().manual_seed(2)))
+        return [z, ema_z, c.loss, c.target_mean, a.bc_loss, a.q_loss, a_new, *actions], grads
+
+    eager_values, eager_grads = losses_and_grads()
+    module.hparams["compile"] = module.ema_policy.compile_acting = True
+    module.ema_updated()  # re-encode the EMA table through the compiled encoder too
+    values, grads = losses_and_grads()
+    assert len(grads) == len(eager_grads) > 0
+    # Fused generated kernels vs eager ATen ops: float32 rounding of O(1) values through ~6 layers.
+    for got, want in zip([*values, *grads], [*eager_values, *eager_grads], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

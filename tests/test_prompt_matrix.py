@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def test_prompt_sources_swap_only_the_named_prompt(swap: str, want: tuple[str, s
 def _rows() -> list[TaskResult]:
     """Cell (t, u) succeeds in (3·i + j) of 10 episodes, i and j the tasks' indices."""
     return [
-        TaskResult.from_counts(t, "seen", u, Counts(episodes=10, successes=3 * i + j))
+        replace(TaskResult.from_counts(t, "seen", "agent", Counts(10, successes=3 * i + j)), prompt_source=u)
         for i, t in enumerate(TASKS)
         for j, u in enumerate(TASKS)
     ]

@@ -1,4 +1,4 @@
-"""Tests for llmdpd_pl.utils: seed derivation, atomic writes, cached compilation."""
+"""Tests for llmdpd_pl.utils: seed derivation, atomic writes, cached compilation, gradient-norm clipping."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from torch import Tensor, nn
 
-from llmdpd_pl.utils import atomic_write, derive_seed, maybe_compiled
+from llmdpd_pl.utils import atomic_write, clip_grad_norms, derive_seed, maybe_compiled
 
 
 def test_atomic_write_replaces_whole_files(tmp_path: Path) -> None:
@@ -59,3 +61,46 @@ def test_git_commit_of_this_checkout_and_none_elsewhere(tmp_path: Path) -> None:
     commit = git_commit()
     assert commit is None or len(commit.removesuffix("+dirty")) == 40
     assert git_commit(tmp_path) is None  # not a git checkout's top level
+
+
+# ---------------------------------------------------------------------------------------- gradient clipping
+def _with_grads(*shapes: tuple[int, ...], scale: float, seed: int) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * scale
+    return params
+
+
+def _flat_grads(params: list[nn.Parameter]) -> Tensor:
+    return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+
+def test_clip_grad_norms_clips_the_groups_jointly() -> None:
+    a, b = _with_grads((3, 4), (5,), scale=10.0, seed=0), _with_grads((2, 2), scale=10.0, seed=1)
+    before_a, before_b = _flat_grads(a).clone(), _flat_grads(b).clone()
+    norms = clip_grad_norms({"a": a, "b": b}, 1.0)
+    assert norms["a"].item() == pytest.approx(before_a.norm().item(), rel=1e-6)
+    assert norms["b"].item() == pytest.approx(before_b.norm().item(), rel=1e-6)
+    assert norms["total"].item() == pytest.approx(torch.cat([before_a, before_b]).norm().item(), rel=1e-6)
+    assert _flat_grads(a + b).norm().item() == pytest.approx(1.0, rel=1e-5)
+    factor = 1.0 / (norms["total"].item() + 1e-6)  # one factor for both groups
+    torch.testing.assert_close(_flat_grads(a), before_a * factor)
+    torch.testing.assert_close(_flat_grads(b), before_b * factor)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.0])
+def test_clip_grad_norms_keeps_gradients_within_the_limit_or_without_one(max_norm: float) -> None:
+    scale = 1e-3 if max_norm > 0 else 1e3  # under the limit, or large with clipping off
+    params = _with_grads((3, 4), (5,), scale=scale, seed=2)
+    before = _flat_grads(params).clone()
+    norms = clip_grad_norms({"a": params}, max_norm)
+    assert torch.equal(_flat_grads(params), before)
+    assert norms["total"].item() == pytest.approx(before.norm().item(), rel=1e-6)
+
+
+def test_clip_grad_norms_spreads_a_nan_instead_of_hiding_it() -> None:
+    params = _with_grads((3,), (4,), scale=1.0, seed=3)
+    params[0].grad[1] = float("nan")  # type: ignore[index]
+    assert clip_grad_norms({"a": params}, 1.0)["total"].isnan()
+    assert _flat_grads(params).isnan().all()

@@ -4,8 +4,8 @@ Diffusion-QL draws its Q-target actions from its EMA actor; so does this module.
 official Diffusion-QL code (``docs/decisions.md``, "Departures"): acting (``llmdpd test``) draws its
 candidate actions from this EMA actor, where Diffusion-QL's ``sample_action`` uses the online actor; and
 before ``start`` updates the EMA is a plain copy of the policy, where Diffusion-QL's ``step_ema`` returns
-early and leaves its EMA at its initial copy. Afterwards every ``every`` updates
-θ_EMA ← decay·θ_EMA + (1 − decay)·θ. The update count is the module's own ``updates`` counter, not
+early and leaves its EMA at its initial copy. Afterwards every ``every`` updates θ_EMA ← decay·θ_EMA +
+(1 − decay)·θ (:func:`~llmdpd_pl.averaging.ema_update`), counted in the module's own ``updates``, not
 Lightning's ``global_step`` (which counts both optimizers' steps). The averaged weights are saved in the
 checkpoint and restored on resume. After every write it calls ``pl_module.ema_updated()``, so the module
 can drop what it computed from the old weights.
@@ -17,8 +17,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
+from llmdpd_pl.averaging import ema_update
 from llmdpd_pl.errors import ConfigError, at_least
 
 
@@ -43,9 +44,7 @@ class ActorEMA(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.averaged is None:
-            self.averaged = AveragedModel(
-                pl_module.policy, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True
-            )
+            self.averaged = AveragedModel(pl_module.policy, use_buffers=True)  # holds it; ema_update averages
             self.averaged.requires_grad_(False)
             # It starts as a copy of the policy. Count that copy as the first average: AveragedModel's first
             # update_parameters() is otherwise a plain copy, which would delay averaging to start + every.
@@ -76,8 +75,9 @@ class ActorEMA(L.Callback):
         updates = pl_module.updates
         if updates < self.start:
             torch._foreach_copy_(list(self.averaged.module.parameters()), list(pl_module.policy.parameters()))
-        elif (updates - self.start) % self.every == 0:
-            self.averaged.update_parameters(pl_module.policy)
+        elif (updates - self.start) % self.every == 0:  # the policy's buffers are constants: not averaged
+            ema_update(self.averaged.module.parameters(), pl_module.policy.parameters(), self.decay)
+            self.averaged.n_averaged += 1  # AveragedModel's count, saved with it
         else:
             return
         pl_module.ema_updated()

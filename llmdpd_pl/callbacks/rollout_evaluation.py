@@ -1,26 +1,26 @@
-"""``RolloutEvaluation``: success rates (Meta-World) or returns and normalised scores (locomotion) on
-seen and unseen tasks, during fit and in ``llmdpd test``. During fit it evaluates every
-``every_n_updates`` updates and logs ``eval/<split>/...`` (``ModelCheckpoint(monitor=
-"eval/unseen/success")`` works). In ``llmdpd test`` it runs ``test_episodes`` per task, prints the
-results table (with the scripted expert as a reference row) and writes the same as JSON, whose path is
-the last line printed. Episodes are sharded across DDP ranks and summed: each counts exactly once.
+"""``RolloutEvaluation``: success rates (Meta-World) or returns and normalised scores (locomotion) on seen
+and unseen tasks, during fit (every ``every_n_updates`` updates, logged as ``eval/<split>/...``;
+``ModelCheckpoint(monitor="eval/unseen/success")`` works) and in ``llmdpd test``, where it runs
+``test_episodes`` per task, prints the results table (the scripted expert as a reference row) and writes
+it as JSON (:attr:`json_path`, the last line ``llmdpd test`` prints). Episodes are sharded across DDP
+ranks and summed: each counts exactly once.
 
 **Prompts at test time.** ``llmdpd test --config C --ckpt_path P`` conditions every task of C, seen by the
 checkpoint or not, on C's prompts (``prompts_from="config"``); what training learned (weights, EMA actor,
 observation statistics) comes from the checkpoint. ``prompts_from="checkpoint"`` keeps the training-time
-banks exactly. ``prompt_index`` picks the prompt trajectory, or ``"all"`` (episode i runs trajectory
-i mod P); ``prompt_swap`` adds the prompt-sensitivity matrix (:mod:`llmdpd_pl.prompt_matrix`).
+banks exactly. ``prompt_index`` picks the prompt trajectory, or ``"all"`` (episode i runs trajectory i mod
+P); ``prompt_swap`` adds the prompt-sensitivity matrix (:mod:`llmdpd_pl.prompt_matrix`).
 
 With ``video_episodes > 0`` each evaluation also records that many extra episodes of the agent per task
 (:mod:`llmdpd_pl.video`) as GIFs, ``<log_dir>/videos/{test,update<U>}/<split>/<task>_ep<k>.gif`` (listed
-under ``"videos"`` in the results JSON), and as images ``{test,eval}/<split>/<task>/video_ep<k>`` in
-TensorBoard. Rank 0 records them while the other ranks wait: keep them few under DDP (NCCL's 30 min).
+under ``"videos"`` in the results JSON), and as ``{test,eval}/<split>/<task>/video_ep<k>`` in TensorBoard
+and W&B. Rank 0 records them while the others wait: keep them few under DDP (NCCL's 30 min timeout).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -282,15 +282,13 @@ class RolloutEvaluation(L.Callback):
             self._write_matrix(trainer, pl_module, matrix_rows, [t for t, _ in tasks], meta, log_dir)
         if self.video_episodes:
             print(f"videos: {log_dir / 'videos' / 'test'}")
-        print(f"results: {self.json_path}")
 
     def _prompt_matrix(self, trainer: L.Trainer, pl_module: Any, tasks: list[tuple[str, str]]) -> Any:
         """One row per (environment task, prompt source): each task's episodes under every task's prompts."""
-        assert self.prompt_swap is not None
-        names = [t for t, _ in tasks]
-        sources = {u: prompt_sources(names, u, self.prompt_swap) for u in names}
-        policies = {u: self._agent(pl_module, self.seed, sources[u]) for u in names}
-        return self.evaluate(trainer, policies, tasks, self.test_episodes)
+        names, swap = [t for t, _ in tasks], self.prompt_swap
+        agents = {u: self._agent(pl_module, self.seed, prompt_sources(names, u, swap)) for u in names}
+        rows = self.evaluate(trainer, agents, tasks, self.test_episodes)
+        return [replace(r, policy="agent", prompt_source=r.policy) for r in rows]
 
     def _write_matrix(self, trainer: L.Trainer, pl_module: Any, rows: list[TaskResult], tasks: list[str],
                       meta: dict[str, Any], log_dir: Path) -> None:  # fmt: skip

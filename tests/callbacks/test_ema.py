@@ -1,4 +1,5 @@
-"""Tests of ``ActorEMA``: a copy before ``start``, decay after, checkpointing, and its use for Q targets."""
+"""Tests for llmdpd_pl.callbacks.ema: ``ActorEMA`` is a copy before ``start`` and decays after, is
+checkpointed, and serves the Q targets."""
 
 from __future__ import annotations
 
