@@ -274,8 +274,8 @@ def corruption(path: Path) -> str | None:
     """
     try:
         meta = read_metadata(path)
-    except ConfigError as err:
-        return err.problem
+    except ConfigError as err:  # collect rebuilds it: drop the advice to run collect
+        return err.problem.partition("; run `llmdpd collect`")[0]
     if "sha256" not in meta:
         return f"{METADATA_FILE} records no checksums"
     found = checksums(path)
