@@ -19,13 +19,13 @@ from llmdpd_pl.callbacks.provenance import Provenance, train_record
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.embeddings import LLMSpec, check_same_llm, llm_identity
 from llmdpd_pl.errors import ConfigError, reporting_user_errors
-from llmdpd_pl.module import ARCHITECTURE_KEYS, LLMDPDModule
+from llmdpd_pl.module import ARCHITECTURE_KEYS, SWITCHED_BY, LLMDPDModule
 from llmdpd_pl.preflight import preflight, quiet_known_noise
 from llmdpd_pl.trainer import LLMDPDTrainer
 from llmdpd_pl.utils import git_commit
 
 #: ``model`` keys whose value may change, but not whether it is 0: a lever that adds parameters when on.
-SWITCH_KEYS = frozenset({"prompt_dropout", "align_weight"})
+SWITCH_KEYS = frozenset(SWITCHED_BY.values())
 #: ``model`` keys that only change how a trained policy acts: ``llmdpd test`` applies the given value.
 EVALUATION_KEYS = frozenset({"action_selection", "n_action_candidates", "compile", "guidance"})
 

@@ -34,9 +34,10 @@ from llmdpd_pl.policy import PolicySpec, PromptedPolicy, PromptMode, check_lever
 from llmdpd_pl.task_bank import TaskBank
 from llmdpd_pl.utils import clip_grad_norms, derive_seed, maybe_compiled
 
-#: The ``model`` keys that shape the network: the policy spec's (less the two the levers imply), and the task
-#: bank's text source. ``llmdpd test`` and resuming take them from the checkpoint.
-SPEC_KEYS = frozenset(f.name for f in fields(PolicySpec)) - {"null_prompt", "align_encoder"}
+#: PolicySpec fields of the levers that add parameters, → the ``model`` key whose being > 0 switches them on.
+#: The ``model`` keys that shape the network (the other fields, the task bank's text source) are fixed.
+SWITCHED_BY = {"null_prompt": "prompt_dropout", "align_encoder": "align_weight"}
+SPEC_KEYS = frozenset(f.name for f in fields(PolicySpec)) - SWITCHED_BY.keys()
 ARCHITECTURE_KEYS = SPEC_KEYS | {"text_source", "text_seed"}
 
 
@@ -133,8 +134,8 @@ class LLMDPDModule(L.LightningModule):
             raise ConfigError("model.traj_heads", f"must divide traj_d_model ({traj_d_model})", traj_heads)
         check_levers(prompts, conditioning, prompt_dropout, guidance, align_weight)
         self.automatic_optimization = False
-        spec = PolicySpec(**{k: self.hparams[k] for k in SPEC_KEYS}, null_prompt=prompt_dropout > 0,
-                          align_encoder=align_weight > 0)  # fmt: skip
+        switched = {field: self.hparams[key] > 0 for field, key in SWITCHED_BY.items()}
+        spec = PolicySpec(**{k: self.hparams[k] for k in SPEC_KEYS}, **switched)
         self.policy = PromptedPolicy(spec, compile)
         self.critic = TwinCritic(obs_dim, act_dim, self.policy.cond_dim, hidden_dim)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)

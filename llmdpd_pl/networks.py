@@ -132,17 +132,13 @@ class Denoiser(nn.Module):
         check_last_dim("state_term", state_term, self.state_dim)
         t = self.time_mlp(k)  # (B, time_dim)
         w_at = self.first_layer.weight[:, : self.act_dim + self.time_dim]  # (H, A + time_dim)
-        if self.modulation is None:
-            h = torch.addmm(state_term, torch.cat([a_k, t], dim=-1), w_at.T)  # (B, H), the first layer
-            for i in range(1, len(self.net)):
-                h = self.net[i](h)
-            return h  # (B, A)
-        term, gb = state_term[:, : self.hidden_dim], state_term[:, self.hidden_dim :].chunk(2, dim=-1)
-        h = torch.addmm(term, torch.cat([a_k, t], dim=-1), w_at.T)  # (B, H)
-        gammas, betas = gb[0].chunk(len(self.net) // 2, dim=-1), gb[1].chunk(len(self.net) // 2, dim=-1)
+        H, n = self.hidden_dim, len(self.net) // 2
+        term = state_term if self.modulation is None else state_term[:, :H]
+        mods = None if self.modulation is None else [m.chunk(n, -1) for m in state_term[:, H:].chunk(2, -1)]
+        h = torch.addmm(term, torch.cat([a_k, t], dim=-1), w_at.T)  # (B, H), the first layer
         for i in range(1, len(self.net)):
-            if i % 2:  # an activation: FiLM its hidden layer's pre-activation first
-                h = film(h, gammas[i // 2], betas[i // 2])
+            if mods is not None and i % 2:  # an activation: FiLM its hidden layer's pre-activation first
+                h = film(h, mods[0][i // 2], mods[1][i // 2])  # gamma, beta of hidden layer i // 2
             h = self.net[i](h)
         return h  # (B, A)
 

@@ -182,8 +182,7 @@ class Policy:
         if task not in self.tasks:
             raise ConfigError("task", f"no prompts for it; this policy's tasks are {list(self.tasks)}, and "
                               "add_task adds one", task)  # fmt: skip
-        if not 0 <= prompt_index < (n := self.module.task_bank.n_prompts):
-            raise ConfigError("prompt_index", f"must be in [0, {n}), its prompt trajectories", prompt_index)
+        self.module.task_bank.check_prompt_index(prompt_index)
         states = torch.as_tensor(obs, dtype=torch.float32, device=self.device)  # as module_policy converts
         if states.ndim != 2 or states.shape[1] != self.module.policy.spec.obs_dim:
             raise ConfigError("obs", f"must be raw states (N, {self.module.policy.spec.obs_dim})",

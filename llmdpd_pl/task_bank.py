@@ -18,6 +18,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from llmdpd_pl.errors import ConfigError
 from llmdpd_pl.utils import derive_seed
 
 BANKS = ("text_bank", "traj_obs_bank", "traj_act_bank", "obs_mean", "obs_std")
@@ -135,6 +136,12 @@ class TaskBank(nn.Module):
     def n_prompts(self) -> int:
         """P, the trajectory prompts per task."""
         return self.traj_obs_bank.shape[1]
+
+    def check_prompt_index(self, index: int, hint: str = "") -> None:
+        """A :class:`ConfigError` under ``prompt_index`` unless ``index`` is one of the :attr:`n_prompts`."""
+        if not 0 <= index < (n := self.n_prompts):
+            problem = f"this run has {n} prompt trajectories per task: 0 to {n - 1}{hint}"
+            raise ConfigError("prompt_index", problem, index)
 
     def normalize(self, obs: Tensor) -> Tensor:
         """(…, S) raw states → (…, S) standardised with the seen-task statistics."""

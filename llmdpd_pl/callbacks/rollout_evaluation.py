@@ -166,11 +166,9 @@ class RolloutEvaluation(L.Callback):
         self, pl_module: Any, seed: int, sources: Mapping[str, tuple[str, str]] | None = None
     ) -> list[PolicyFn]:
         """The module's policy once per prompt trajectory it runs with (all of them with ``all``)."""
-        n = pl_module.task_bank.n_prompts
-        if self.prompt_index != "all" and not 0 <= self.prompt_index < n:
-            raise ConfigError("prompt_index", f"this run has {n} prompt trajectories per task: 0 to {n - 1}, "
-                              "or all", self.prompt_index)  # fmt: skip
-        indices = range(n) if self.prompt_index == "all" else [self.prompt_index]
+        if self.prompt_index != "all":
+            pl_module.task_bank.check_prompt_index(self.prompt_index, hint=", or all")
+        indices = range(pl_module.task_bank.n_prompts) if self.prompt_index == "all" else [self.prompt_index]
         return [module_policy(pl_module, int(p), seed, sources) for p in indices]
 
     def evaluate(
