@@ -101,6 +101,12 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: type[nn.Mo
     return nn.Sequential(*layers)
 
 
+def _in_contiguous_layout(grad: Tensor) -> Tensor:
+    """``grad`` with row-major strides, those of size-1 dimensions included (``contiguous()`` keeps a
+    tensor whose strides differ only there)."""
+    return grad.clone(memory_format=torch.contiguous_format)
+
+
 class StackedLinear(nn.Module):
     """H independent Linear layers applied in one batched matmul (``torch.baddbmm``).
 
@@ -109,6 +115,10 @@ class StackedLinear(nn.Module):
     forward than an (in, out) weight with out = 1; ``docs/performance.md``). Each head is initialised
     exactly as ``nn.Linear``'s default (Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))
     for weight and bias), drawn independently per head.
+
+    The weight's gradient comes out of ``bmm`` transposed; a hook hands it over in the weight's own
+    layout, strides of size-1 dimensions included, as DDP's gradient buckets expect (otherwise DDP warns
+    and copies it on every backward; the hook's copy replaces the one autograd makes to match the layout).
 
     Args:
         n_heads: number of heads H.
@@ -123,6 +133,7 @@ class StackedLinear(nn.Module):
         self.n_heads, self.in_dim, self.out_dim = n_heads, in_dim, out_dim
         self.weight = nn.Parameter(torch.empty(n_heads, out_dim, in_dim))  # (H, out, in)
         self.bias = nn.Parameter(torch.empty(n_heads, 1, out_dim))  # (H, 1, out)
+        self.weight.register_hook(_in_contiguous_layout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import ProgressBar, Timer
 
+from llmdpd_pl.callbacks.progress import UpdatesBar
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.errors import ConfigError, at_least, user_error_line
 
@@ -20,10 +21,15 @@ class LLMDPDTrainer(L.Trainer):
     """A ``Trainer`` with the ``collect`` subcommand and rollout options on ``test``.
 
     It always has a ``Timer`` (``max_time`` adds one with a limit), so every checkpoint records its
-    training wall time, and ``llmdpd test`` reports it.
+    training wall time, and ``llmdpd test`` reports it. Its progress bar counts updates
+    (:class:`~llmdpd_pl.callbacks.progress.UpdatesBar`) unless another is given or bars are disabled.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        callbacks = list(kwargs.get("callbacks") or [])
+        bar_given = any(isinstance(c, ProgressBar) for c in callbacks)
+        if kwargs.get("enable_progress_bar") is not False and not bar_given:
+            kwargs["callbacks"] = [*callbacks, UpdatesBar()]
         super().__init__(*args, **kwargs)
         if not any(isinstance(cb, Timer) for cb in self.callbacks):
             self.callbacks.append(Timer())

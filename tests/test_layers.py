@@ -55,3 +55,12 @@ def test_stacked_linear_init_matches_nn_linear_range() -> None:
     # 8192 uniform draws per head: the std is bound / sqrt(3) to within about 2%.
     assert layer.weight[0].std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
     assert not torch.equal(layer.weight[0], layer.weight[1])
+
+
+@pytest.mark.parametrize("out_dim", [1, 16])
+def test_stacked_linear_weight_grad_has_the_weight_layout(out_dim: int) -> None:
+    """DDP compares each gradient's strides with its bucket's (the weight's), size-1 dimensions included;
+    ``bmm`` through ``weight.transpose(1, 2)`` gives a transposed gradient without the layout hook."""
+    layer = StackedLinear(2, 8, out_dim)
+    layer(torch.randn(2, 5, 8)).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.stride() == layer.weight.stride()

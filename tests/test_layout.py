@@ -15,7 +15,7 @@ LAYERS = [
     ["policy", "task_bank"],
     ["data.prompts", "data.embeddings", "data.spec", "data.collect", "data.sac", "data.batches",
      "data.loading", "data.datamodule"],
-    ["objectives", "module", "callbacks.ema", "callbacks.provenance"],
+    ["objectives", "module", "callbacks.ema", "callbacks.provenance", "callbacks.progress"],
     ["rollouts", "acting", "media", "video", "prompt_matrix", "callbacks.rollout_evaluation", "pretrained"],
     ["report", "export"],
     ["trainer", "cli", "preflight"],
