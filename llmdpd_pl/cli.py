@@ -15,14 +15,13 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from llmdpd_pl.callbacks.provenance import Provenance, train_record
+from llmdpd_pl.callbacks.provenance import Provenance
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
 from llmdpd_pl.data.embeddings import LLMSpec, check_same_llm, llm_identity
 from llmdpd_pl.errors import ConfigError, reporting_user_errors
 from llmdpd_pl.module import ARCHITECTURE_KEYS, SWITCHED_BY, LLMDPDModule
 from llmdpd_pl.preflight import preflight, quiet_known_noise
 from llmdpd_pl.trainer import LLMDPDTrainer
-from llmdpd_pl.utils import git_commit
 
 #: ``model`` keys whose value may change, but not whether it is 0: a lever that adds parameters when on.
 SWITCH_KEYS = frozenset(SWITCHED_BY.values())
@@ -101,8 +100,6 @@ class LLMDPDCLI(LightningCLI):
                 llm = self.config.test.data.get("llm")  # before the model is built for the test LLM's width
                 check_same_llm(bank["llm"], llm_identity(LLMSpec(**(llm.as_dict() if llm else {}))))
             values, notes = reconcile_with_checkpoint(self._given_model, trained.get("hyper_parameters", {}))
-            timer = trained.get("callbacks", {}).get("Timer", {})
-            self._run = {"train_seconds": timer.get("time_elapsed", {}).get("train"), **train_record(trained)}
             for key in EVALUATION_KEYS & values.keys():
                 self.config.test.model[key] = values[key]
             for note in notes:
@@ -136,18 +133,10 @@ class LLMDPDCLI(LightningCLI):
         self.trainer.callbacks.append(Provenance(config.get("fit", config)))
 
     def before_test(self) -> None:
-        """The results JSON records the code's commit, the resolved config, the training wall time and
-        the checkpoint's provenance (:mod:`llmdpd_pl.callbacks.provenance`)."""
-        from llmdpd_pl.callbacks.rollout_evaluation import RolloutEvaluation
-
+        """The results JSON records the resolved config with the checkpoint's provenance
+        (:func:`llmdpd_pl.callbacks.provenance.run_record`)."""
         config = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
-        run = {"commit": git_commit(), **getattr(self, "_run", {}), "config": config.get("test", config)}
-        if not any(isinstance(cb, RolloutEvaluation) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(RolloutEvaluation())
-        self.trainer.callbacks.append(Provenance(run["config"]))  # restores the checkpoint's; saves nothing
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, RolloutEvaluation):
-                cb.run_info = run
+        self.trainer.callbacks.append(Provenance(config.get("test", config)))  # restores the checkpoint's
 
     def after_test(self) -> None:
         """The results JSON's path is the last line ``llmdpd test`` prints."""

@@ -125,8 +125,11 @@ def run_episodes(
     vectorization: Literal["sync", "async"] = "sync",
     progress: tqdm | None = None,
     envs: gym.vector.VectorEnv | None = None,
+    check: Callable[[], None] | None = None,
 ) -> Counts:
     """Run the given episodes of ``task`` in waves of ``num_envs`` parallel envs; return their counts.
+
+    ``check`` is called before every step; it stops the rollouts by raising (a SIGTERM, for instance).
 
     An episode lasts at most ``max_steps`` (default: the task's full episode). A wave ends when all its
     episodes have; an env whose episode ended early (a locomotion fall) is masked out of the counts. With
@@ -150,6 +153,8 @@ def run_episodes(
             first = np.full(n_envs, -1)
             alive = np.ones(n_envs, bool)
             for t in range(max_steps):
+                if check is not None:
+                    check()
                 action = policy(obs, task)
                 obs, reward, terminated, truncated, info = envs.step(action)
                 done = terminated | truncated | (t == max_steps - 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,21 +100,15 @@ class LLMDPDTrainer(L.Trainer):
         for key, (value, low) in given.items():
             if isinstance(value, int):  # not None (the callback's value) nor "all"
                 at_least(key, value, low)
-        evaluators = [cb for cb in self.callbacks if isinstance(cb, RolloutEvaluation)]
-        if not evaluators:
-            evaluators = [RolloutEvaluation()]
-            self.callbacks.append(evaluators[0])
-        for cb in evaluators:
-            cb.test_episodes = cb.test_episodes if episodes is None else episodes
-            cb.video_episodes = cb.video_episodes if videos is None else videos
-            cb.prompt_index = cb.prompt_index if prompt_index is None else prompt_index
-            cb.prompts_from = prompts_from or cb.prompts_from
-            cb.prompt_swap = prompt_swap or cb.prompt_swap
-            cb.test_seen = cb.test_seen if seen is None else seen
-            cb.expert_reference = cb.expert_reference if expert is None else expert
-            cb.output = output or cb.output
+        evaluator = next((cb for cb in self.callbacks if isinstance(cb, RolloutEvaluation)), None)
+        if evaluator is None:
+            evaluator = RolloutEvaluation()
+            self.callbacks.append(evaluator)
+        asked = {"episodes": episodes, "seen": seen, "expert": expert, "output": output, "videos": videos,
+                 "prompt_index": prompt_index, "prompts_from": prompts_from, "prompt_swap": prompt_swap}
+        options = replace(evaluator.test_options, **{k: v for k, v in asked.items() if v is not None})
         try:
-            with self._no_partial_log_dir():
+            with self._no_partial_log_dir(), evaluator.testing(options):
                 return super().test(model, dataloaders, ckpt_path, verbose, datamodule)
         except RuntimeError as err:  # a strict load_state_dict: another suite's or task set's checkpoint
             if "Error(s) in loading state_dict" not in str(err):

@@ -474,3 +474,30 @@ def test_test_takes_the_checkpoints_value_of_a_key_the_user_did_not_write(
           "--model.n_action_candidates", "3"])  # fmt: skip
     assert "model.n_action_candidates: given 3" in capsys.readouterr().err
     assert json.loads(out.read_text())["meta"]["config"]["model"]["n_action_candidates"] == 3
+
+
+# ------------------------------------------------------------------------------ signals
+def test_sigterm_stops_a_test_during_its_rollouts(quiet_run: dict[str, Any], tmp_path: Path) -> None:
+    """Lightning's SIGTERM handler only sets a flag, read between batches: the rollouts read it between
+    steps. The run exits with a SIGTERM's status and writes no results file."""
+    import signal
+    import subprocess
+    import time
+
+    out, log = tmp_path / "results.json", tmp_path / "stderr.log"
+    args = [sys.executable, "-m", "llmdpd_pl.cli", *_test_args(quiet_run, tmp_path, "--ckpt_path",
+            str(quiet_run["ckpt"]), "--episodes", "100000", "--output", str(out),
+            "--trainer.enable_progress_bar", "true")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        try:
+            deadline = time.monotonic() + 240
+            while "eval:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert proc.poll() is None, log.read_text()[-2000:]  # still rolling out 100,000 episodes
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        finally:
+            proc.kill()
+    assert not out.exists()

@@ -16,7 +16,8 @@ LAYERS = [
     ["data.prompts", "data.embeddings", "data.spec", "data.collect", "data.sac", "data.batches",
      "data.loading", "data.datamodule"],
     ["objectives", "module", "callbacks.ema", "callbacks.provenance", "callbacks.progress"],
-    ["rollouts", "acting", "media", "video", "prompt_matrix", "callbacks.rollout_evaluation", "pretrained"],
+    ["rollouts", "evaluation", "acting", "media", "video", "prompt_matrix", "callbacks.rollout_evaluation",
+     "pretrained"],
     ["report", "export"],
     ["trainer", "cli", "preflight"],
 ]

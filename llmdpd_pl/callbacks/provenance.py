@@ -9,10 +9,12 @@ the segments into the results JSON (``meta.train_provenance``, and the last one'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 
 from llmdpd_pl.utils import git_commit
 
@@ -55,3 +57,19 @@ def train_record(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """``train_commit`` and ``train_provenance`` of a loaded checkpoint (None and [] if it has none)."""
     segments = checkpoint.get("callbacks", {}).get("Provenance", {}).get("segments", [])
     return {"train_commit": segments[-1]["commit"] if segments else None, "train_provenance": segments}
+
+
+def run_record(callbacks: Sequence[L.Callback]) -> dict[str, Any]:
+    """What a results JSON records of the run at test: the code's commit, the checkpoint's training wall
+    time (its restored ``Timer``) and provenance, and the test's resolved config (the test's own
+    ``Provenance`` segment, the last one; None without a ``Provenance`` callback)."""
+    provenance = next((cb for cb in callbacks if isinstance(cb, Provenance)), None)
+    timer = next((cb for cb in callbacks if isinstance(cb, Timer)), None)
+    trained = provenance.segments[:-1] if provenance is not None else []
+    return {
+        "commit": git_commit(),
+        "train_seconds": timer.time_elapsed("train") if timer is not None else None,
+        "train_commit": trained[-1]["commit"] if trained else None,
+        "train_provenance": trained,
+        "config": provenance.segments[-1]["config"] if provenance is not None else None,
+    }

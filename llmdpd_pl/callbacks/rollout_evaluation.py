@@ -2,8 +2,9 @@
 and unseen tasks, during fit (every ``every_n_updates`` updates, logged as ``eval/<split>/...``;
 ``ModelCheckpoint(monitor="eval/unseen/success")`` works) and in ``llmdpd test``, where it runs
 ``test_episodes`` per task, prints the results table (the scripted expert as a reference row) and writes
-it as JSON (:attr:`json_path`, the last line ``llmdpd test`` prints). Episodes are sharded across DDP
-ranks and summed: each counts exactly once.
+it as JSON (:attr:`json_path`, the last line ``llmdpd test`` prints). The work is done by the functions
+of :mod:`llmdpd_pl.evaluation`; this callback schedules them and logs their rows. Episodes are sharded
+across DDP ranks and summed: each counts exactly once.
 
 **Prompts at test time.** ``llmdpd test --config C --ckpt_path P`` conditions every task of C, seen by the
 checkpoint or not, on C's prompts (``prompts_from="config"``); what training learned (weights, EMA actor,
@@ -19,36 +20,54 @@ and W&B. Rank 0 records them while the others wait: keep them few under DDP (NCC
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import signal
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import gymnasium as gym
 import lightning as L
-import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm.auto import tqdm
 
-from llmdpd_pl.acting import conditioning_record, module_policy
+from llmdpd_pl.acting import module_policy
+from llmdpd_pl.callbacks.provenance import run_record
 from llmdpd_pl.data.embeddings import check_same_llm
 from llmdpd_pl.errors import ConfigError, at_least
+from llmdpd_pl.evaluation import (
+    Policies,
+    Tasks,
+    TestOptions,
+    as_rows,
+    count_episodes,
+    results_record,
+    rollout_steps,
+)
 from llmdpd_pl.media import sinks
 from llmdpd_pl.prompt_matrix import Swap, prompt_sources, report_matrix
 from llmdpd_pl.rollouts import (
-    Counts,
     PolicyFn,
     TaskResult,
     format_results,
     mean_success,
     reference_policies,
-    run_episodes,
     shard,
     write_json,
 )
-from llmdpd_pl.suites import episode_steps, make_eval_envs
+from llmdpd_pl.suites import make_eval_envs
 from llmdpd_pl.utils import PROGRESS_INTERVAL
 from llmdpd_pl.video import MAX_GIF_FPS, CameraName, VideoRecorder
+
+
+def _stop_on_sigterm(trainer: L.Trainer) -> None:
+    """Lightning's SIGTERM handler only sets a flag, which its loops read between batches; an evaluation
+    reads it between steps. The exit status is a SIGTERM's (143), and no results file is written."""
+    if trainer.received_sigterm:
+        raise SIGTERMException(128 + signal.SIGTERM)
 
 
 class RolloutEvaluation(L.Callback):
@@ -80,6 +99,10 @@ class RolloutEvaluation(L.Callback):
         video_stride: Keep the frame of every this many steps (rendering costs ~0.1 s a frame on CPU).
         video_fps: GIF frame rate, at most 50. One step is 12.5 ms of simulated time, so the default
             ``video_stride`` 4 at 20 fps plays in real time.
+
+    The ``test_*``, ``prompt_*``, ``expert_reference``, ``output`` and ``video_episodes`` arguments are
+    the defaults of :attr:`test_options`, which ``llmdpd test``'s own options override for one test
+    (:meth:`testing`).
     """
 
     def __init__(
@@ -118,22 +141,28 @@ class RolloutEvaluation(L.Callback):
         if video_fps > MAX_GIF_FPS:
             raise ConfigError("RolloutEvaluation.video_fps", f"must be <= {MAX_GIF_FPS} (GIF delays are "
                               "whole centiseconds; viewers slow delays under 20 ms to 100 ms)", video_fps)
-        self.every_n_updates, self.episodes, self.test_episodes = every_n_updates, episodes, test_episodes
-        self.num_envs, self.vectorization, self.test_seen = num_envs, vectorization, test_seen
-        self.expert_reference, self.prompt_index, self.max_steps = expert_reference, prompt_index, max_steps
-        self.prompts_from, self.prompt_swap = prompts_from, prompt_swap
-        self.seed, self.output = seed, output
-        self.video_episodes = video_episodes
+        self.every_n_updates, self.episodes, self.num_envs = every_n_updates, episodes, num_envs
+        self.vectorization, self.max_steps, self.seed = vectorization, max_steps, seed
+        self.test_options = TestOptions(test_episodes, test_seen, expert_reference, prompt_index,
+                                        prompts_from, prompt_swap, output, video_episodes)  # fmt: skip
+        self.video_episodes = video_episodes  # during fit
         self.recorder = VideoRecorder(
             seed, video_size, video_camera, video_stride, video_fps, max_steps or 500
         )
         self.results: list[TaskResult] = []
         self.history: list[dict[str, Any]] = []  # every evaluation during fit; saved in checkpoints
         self.matrix: list[list[float]] | None = None
-        self.videos: list[dict[str, Any]] = []
         self.json_path: Path | None = None
-        self.run_info: dict[str, Any] = {}  # from the CLI: commit, config, training wall time
         self._envs: dict[tuple[str, int], gym.vector.VectorEnv] = {}
+
+    @contextmanager
+    def testing(self, options: TestOptions) -> Iterator[None]:
+        """Run the tests inside this block with ``options`` instead of :attr:`test_options`."""
+        saved, self.test_options = self.test_options, options
+        try:
+            yield
+        finally:
+            self.test_options = saved
 
     def _envs_for(self, task: str, n_episodes: int) -> gym.vector.VectorEnv | None:
         """The task's vector env, built once (an env takes ~0.6 s to build) and reused by every evaluation."""
@@ -163,57 +192,36 @@ class RolloutEvaluation(L.Callback):
         return split + [(t, "unseen") for t in dm.unseen_tasks]
 
     def _agent(
-        self, pl_module: Any, seed: int, sources: Mapping[str, tuple[str, str]] | None = None
-    ) -> list[PolicyFn]:
+        self, pl_module: Any, seed: int, prompt_index: int | Literal["all"],
+        sources: Mapping[str, tuple[str, str]] | None = None,
+    ) -> list[PolicyFn]:  # fmt: skip
         """The module's policy once per prompt trajectory it runs with (all of them with ``all``)."""
-        if self.prompt_index != "all":
-            pl_module.task_bank.check_prompt_index(self.prompt_index, hint=", or all")
-        indices = range(pl_module.task_bank.n_prompts) if self.prompt_index == "all" else [self.prompt_index]
+        if prompt_index != "all":
+            pl_module.task_bank.check_prompt_index(prompt_index, hint=", or all")
+        indices = range(pl_module.task_bank.n_prompts) if prompt_index == "all" else [prompt_index]
         return [module_policy(pl_module, int(p), seed, sources) for p in indices]
 
     def evaluate(
-        self,
-        trainer: L.Trainer,
-        policies: Mapping[str, Sequence[PolicyFn]],
-        tasks: Sequence[tuple[str, str]],
-        episodes: int,
+        self, trainer: L.Trainer, policies: Policies, tasks: Tasks, episodes: int
     ) -> list[TaskResult]:
-        """Counts of this rank's shard, summed over ranks, as rows (same on every rank).
-
-        Each entry of ``policies`` is a round robin: episode i runs with its ``i mod len``-th policy.
-        """
-        rank, world = trainer.global_rank, trainer.world_size
-        ids = shard(episodes, rank, world)
-        total = len(ids) * sum(self.max_steps or episode_steps(t) for t, _ in tasks) * len(policies)
-        quiet = rank != 0 or trainer.progress_bar_callback is None  # the trainer's progress bar setting
-        bar = tqdm(total=total, desc="eval", unit="step", disable=quiet, leave=False,
-                   mininterval=PROGRESS_INTERVAL)  # fmt: skip
-        local = []
-        for robin in policies.values():
-            for task, _ in tasks:
-                counts = Counts()
-                for k, policy in enumerate(robin):
-                    mine = [i for i in ids if i % len(robin) == k]
-                    envs = self._envs_for(task, len(ids))
-                    counts += run_episodes(policy, task, mine, self.num_envs, self.seed, self.max_steps,
-                                           envs=envs, progress=bar)  # fmt: skip
-                local.append(counts.as_array())
+        """:func:`~llmdpd_pl.evaluation.count_episodes` on this rank's shard of ``episodes``, summed over
+        ranks, as rows (the same on every rank)."""
+        ids = shard(episodes, trainer.global_rank, trainer.world_size)
+        quiet = trainer.global_rank != 0 or trainer.progress_bar_callback is None  # the trainer's setting
+        bar = tqdm(total=rollout_steps(tasks, len(ids), len(policies), self.max_steps), desc="eval",
+                   unit="step", disable=quiet, leave=False, mininterval=PROGRESS_INTERVAL)  # fmt: skip
+        local = count_episodes(policies, tasks, ids, self.num_envs, self.seed, self.max_steps, self._envs_for,
+                               bar, partial(_stop_on_sigterm, trainer))  # fmt: skip
         bar.close()
-        summed = torch.as_tensor(np.stack(local), dtype=torch.float64)
-        summed = trainer.strategy.reduce(summed.to(trainer.strategy.root_device), reduce_op="sum").cpu()
-        rows, i = [], 0
-        for name in policies:
-            for task, split in tasks:
-                rows.append(TaskResult.from_counts(task, split, name, Counts.from_array(summed[i].tolist())))
-                i += 1
-        return rows
+        summed = trainer.strategy.reduce(torch.as_tensor(local).to(trainer.strategy.root_device), "sum")
+        return as_rows(list(policies), tasks, summed.cpu().numpy())
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self.every_n_updates or pl_module.updates % self.every_n_updates:
             return
-        agent = self._agent(pl_module, self.seed + pl_module.updates)
+        agent = self._agent(pl_module, self.seed + pl_module.updates, self.test_options.prompt_index)
         rows = self.evaluate(trainer, {"agent": agent}, self._tasks(trainer, seen=True), self.episodes)
         self.history += [{"updates": pl_module.updates, **asdict(r)} for r in rows]
         metrics: dict[str, float] = {f"eval/{r.split}/{r.task}/return": r.mean_return for r in rows}
@@ -229,15 +237,15 @@ class RolloutEvaluation(L.Callback):
             logger.log_metrics(metrics, step=step)
         if self.video_episodes and trainer.is_global_zero:
             directory = Path(trainer.log_dir or ".") / "videos" / f"update{pl_module.updates}"
-            agent = self._agent(pl_module, self.seed + pl_module.updates)
             self.recorder.record(agent[0], self._tasks(trainer, seen=True), self.video_episodes, directory,
                                  "eval", step, sinks(trainer))  # fmt: skip
 
     def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         """Condition the restored model on the config's prompts, or check the checkpoint's banks' tasks."""
         bank, given = pl_module.task_bank, trainer.datamodule.task_prompts
-        if self.prompts_from == "checkpoint":
-            if missing := [t for t, _ in self._tasks(trainer, self.test_seen) if t not in bank.task_names]:
+        if self.test_options.prompts_from == "checkpoint":
+            tested = self._tasks(trainer, self.test_options.seen)
+            if missing := [t for t, _ in tested if t not in bank.task_names]:
                 raise ConfigError("prompts_from", f"the checkpoint's task banks lack {missing} (they hold "
                                   f"{list(bank.task_names)}); --prompts_from config gives them", "checkpoint")
             return
@@ -247,51 +255,41 @@ class RolloutEvaluation(L.Callback):
         bank.fill(given, bank.obs_mean.clone(), bank.obs_std.clone(), len(trainer.datamodule.seen_tasks))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        tasks = self._tasks(trainer, seen=self.test_seen)
-        rows = self.evaluate(trainer, {"agent": self._agent(pl_module, self.seed)}, tasks, self.test_episodes)
-        for name, policy, scripted in reference_policies(tasks) if self.expert_reference else []:
-            rows += self.evaluate(trainer, {name: [policy]}, scripted, self.test_episodes)
+        opts = self.test_options
+        tasks = self._tasks(trainer, seen=opts.seen)
+        agent = self._agent(pl_module, self.seed, opts.prompt_index)
+        rows = self.evaluate(trainer, {"agent": agent}, tasks, opts.episodes)
+        for name, policy, scripted in reference_policies(tasks) if opts.expert else []:
+            rows += self.evaluate(trainer, {name: [policy]}, scripted, opts.episodes)
         self.results = rows
         for split, mean in mean_success(rows).items():
             pl_module.log(f"test/{split}/success", mean)
-        matrix_rows = self._prompt_matrix(trainer, pl_module, tasks) if self.prompt_swap else None
+        matrix_rows = self._prompt_matrix(trainer, pl_module, tasks, opts) if opts.prompt_swap else None
         if not trainer.is_global_zero:
             return
-        log_dir = Path(trainer.log_dir or ".")
-        self.videos = []
-        if self.video_episodes:
+        log_dir, names = Path(trainer.log_dir or "."), [t for t, _ in tasks]
+        videos = None
+        if opts.videos:
             # A fresh policy with the scored run's seed: the videos do not depend on how many
             # scored episodes ran before them, and those ran before the videos, unchanged by them.
-            agent = self._agent(pl_module, self.seed)[0]
-            self.videos = self.recorder.record(agent, tasks, self.video_episodes, log_dir / "videos" / "test",
-                                               "test", pl_module.updates, sinks(trainer))  # fmt: skip
-        meta = {
-            "episodes_per_task": self.test_episodes, "prompt_index": self.prompt_index,
-            "prompts_from": self.prompts_from, "seed": self.seed, "max_steps": self.max_steps,
-            "ckpt_path": trainer.ckpt_path, "updates": pl_module.updates, "world_size": trainer.world_size,
-            "action_selection": pl_module.hparams.action_selection, "prompts": pl_module.hparams.prompts,
-            "model_seed": pl_module.hparams.seed, "during_fit": self.history,
-            **conditioning_record(pl_module, [t for t, _ in tasks], self.prompt_index), **self.run_info,
-        }  # fmt: skip
-        self.json_path = write_json(rows, Path(self.output or log_dir / "test_results.json"), meta,
-                                    self.videos if self.video_episodes else None)  # fmt: skip
+            videos = self.recorder.record(self._agent(pl_module, self.seed, opts.prompt_index)[0], tasks,
+                                          opts.videos, log_dir / "videos" / "test", "test", pl_module.updates,
+                                          sinks(trainer))  # fmt: skip
+        meta = results_record(opts, pl_module, names, self.seed, self.max_steps, trainer.ckpt_path,
+                              trainer.world_size, self.history, run_record(trainer.callbacks))  # fmt: skip
+        self.json_path = write_json(rows, Path(opts.output or log_dir / "test_results.json"), meta, videos)
         print(format_results(rows))
-        if matrix_rows is not None:
-            self._write_matrix(trainer, pl_module, matrix_rows, [t for t, _ in tasks], meta, log_dir)
-        if self.video_episodes:
+        if matrix_rows is not None and opts.prompt_swap is not None:
+            self.matrix = report_matrix(matrix_rows, names, opts.prompt_swap, log_dir,
+                                        {**meta, "episodes_per_cell": opts.episodes}, sinks(trainer),
+                                        pl_module.updates)  # fmt: skip
+        if videos is not None:
             print(f"videos: {log_dir / 'videos' / 'test'}")
 
-    def _prompt_matrix(self, trainer: L.Trainer, pl_module: Any, tasks: list[tuple[str, str]]) -> Any:
+    def _prompt_matrix(self, trainer: L.Trainer, pl_module: Any, tasks: Tasks, opts: TestOptions) -> Any:
         """One row per (environment task, prompt source): each task's episodes under every task's prompts."""
-        names, swap = [t for t, _ in tasks], self.prompt_swap
-        agents = {u: self._agent(pl_module, self.seed, prompt_sources(names, u, swap)) for u in names}
-        rows = self.evaluate(trainer, agents, tasks, self.test_episodes)
+        names = [t for t, _ in tasks]
+        agents = {u: self._agent(pl_module, self.seed, opts.prompt_index,
+                                 prompt_sources(names, u, opts.prompt_swap)) for u in names}  # fmt: skip
+        rows = self.evaluate(trainer, agents, tasks, opts.episodes)
         return [replace(r, policy="agent", prompt_source=r.policy) for r in rows]
-
-    def _write_matrix(self, trainer: L.Trainer, pl_module: Any, rows: list[TaskResult], tasks: list[str],
-                      meta: dict[str, Any], log_dir: Path) -> None:  # fmt: skip
-        assert self.prompt_swap is not None
-        meta = {**meta, "episodes_per_cell": self.test_episodes}
-        self.matrix = report_matrix(rows, tasks, self.prompt_swap, log_dir, meta, sinks(trainer),
-                                    pl_module.updates)  # fmt: skip
-

@@ -34,7 +34,7 @@ from llmdpd_pl.data.embeddings import embed_texts
 from llmdpd_pl.data.prompts import load_prompts, render_prompt
 from llmdpd_pl.data.spec import DatasetSpec
 from llmdpd_pl.module import LLMDPDModule
-from llmdpd_pl.rollouts import TaskResult, expert_policy, random_policy, run_episodes, wilson_interval
+from llmdpd_pl.rollouts import TaskResult, expert_policy, run_episodes, wilson_interval
 from tests.model_fixtures import ModelData, model_data, one_thread, write_config
 
 __all__ = ["model_data", "one_thread"]  # fixtures imported for pytest
@@ -451,18 +451,6 @@ def test_targets_are_their_own_split_and_always_evaluated() -> None:
     assert cb._tasks(trainer, seen=True) == [("reach", "seen"), ("push", "seen"), ("box-close", "target"),
                                              ("door-lock", "unseen")]  # fmt: skip
     assert cb._tasks(trainer, seen=False) == [("box-close", "target"), ("door-lock", "unseen")]
-
-
-def test_evaluate_runs_a_list_of_policies_round_robin(tmp_path: Path) -> None:
-    """Episode i runs with policy i mod 2: the counts are those of each policy on its own episodes."""
-    cb = RolloutEvaluation(max_steps=150, num_envs=1)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=str(tmp_path))
-    expert, rand = expert_policy(), random_policy(3)
-    (row,) = cb.evaluate(trainer, {"mixed": [expert, rand]}, [("reach", "seen")], episodes=4)
-    want = (run_episodes(expert_policy(), "reach", [0, 2], 1, cb.seed, 150)
-            + run_episodes(random_policy(3), "reach", [1, 3], 1, cb.seed, 150))  # fmt: skip
-    assert row == TaskResult.from_counts("reach", "seen", "mixed", want)
-    assert want.successes >= 2  # the expert's two episodes succeed on reach
 
 
 def test_prompt_sensitivity_matrix(fitted: Fitted, tmp_path: Path, plain_argv: None) -> None:
