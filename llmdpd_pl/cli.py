@@ -7,13 +7,17 @@ datamodule, and linked into the model.
 
 from __future__ import annotations
 
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from llmdpd_pl.callbacks.provenance import Provenance
 from llmdpd_pl.data.datamodule import PromptedOfflineDataModule
@@ -181,7 +185,7 @@ def main(args: list[str] | None = None) -> None:
     if args is None:
         sys.argv[1:] = argv
     quiet_known_noise()
-    with reporting_user_errors():
+    with reporting_user_errors(), exit_status_of_sigterm():
         for path in (b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"):
             check_yaml("--config", path)
         if argv[:1] == ["report"]:
@@ -193,6 +197,16 @@ def main(args: list[str] | None = None) -> None:
 
             return export(argv[1:])
         build_cli(None if args is None else argv)
+
+
+@contextmanager
+def exit_status_of_sigterm() -> Iterator[None]:
+    """A run stopped by SIGTERM exits with 143 (128 + 15), as a process killed by it would: Lightning's
+    ``SIGTERMException`` carries no status, so it would exit with 0, which schedulers read as success."""
+    try:
+        yield
+    except SIGTERMException as stop:
+        raise SystemExit(stop.code if isinstance(stop.code, int) else 128 + signal.SIGTERM) from None
 
 
 def given_model_keys(argv: list[str]) -> set[str]:

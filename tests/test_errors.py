@@ -477,27 +477,36 @@ def test_test_takes_the_checkpoints_value_of_a_key_the_user_did_not_write(
 
 
 # ------------------------------------------------------------------------------ signals
-def test_sigterm_stops_a_test_during_its_rollouts(quiet_run: dict[str, Any], tmp_path: Path) -> None:
-    """Lightning's SIGTERM handler only sets a flag, read between batches: the rollouts read it between
-    steps. The run exits with a SIGTERM's status and writes no results file."""
+@pytest.mark.parametrize("command", ["fit", "test"])
+def test_sigterm_stops_a_run_with_its_exit_status(
+    quiet_run: dict[str, Any], tmp_path: Path, command: str
+) -> None:
+    """Lightning's SIGTERM handler only sets a flag, read between batches: a test's rollouts read it
+    between steps. Either run exits with a SIGTERM's status (Lightning's own exception would exit with 0),
+    and a test writes no results file."""
     import signal
     import subprocess
     import time
 
     out, log = tmp_path / "results.json", tmp_path / "stderr.log"
-    args = [sys.executable, "-m", "llmdpd_pl.cli", *_test_args(quiet_run, tmp_path, "--ckpt_path",
-            str(quiet_run["ckpt"]), "--episodes", "100000", "--output", str(out),
-            "--trainer.enable_progress_bar", "true")]  # fmt: skip
+    if command == "test":
+        extra = ["--ckpt_path", str(quiet_run["ckpt"]), "--episodes", "100000", "--output", str(out)]
+        args = _test_args(quiet_run, tmp_path, *extra)
+    else:
+        args = ["fit", "--config", str(quiet_run["config"]), "--trainer.max_steps", "1000000",
+                "--trainer.default_root_dir", str(tmp_path / "logs")]  # fmt: skip
+    args = [sys.executable, "-m", "llmdpd_pl.cli", *args, "--trainer.enable_progress_bar", "true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    started = "eval:" if command == "test" else "update/s"
     with log.open("w") as stderr:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
         try:
             deadline = time.monotonic() + 240
-            while "eval:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            while started not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.5)
-            assert proc.poll() is None, log.read_text()[-2000:]  # still rolling out 100,000 episodes
+            assert proc.poll() is None, log.read_text()[-2000:]  # still running: 100,000 episodes or updates
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+            assert proc.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()[-2000:]
         finally:
             proc.kill()
     assert not out.exists()

@@ -20,7 +20,6 @@ and W&B. Rank 0 records them while the others wait: keep them few under DDP (NCC
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -65,9 +64,9 @@ from llmdpd_pl.video import MAX_GIF_FPS, CameraName, VideoRecorder
 
 def _stop_on_sigterm(trainer: L.Trainer) -> None:
     """Lightning's SIGTERM handler only sets a flag, which its loops read between batches; an evaluation
-    reads it between steps. The exit status is a SIGTERM's (143), and no results file is written."""
+    reads it between steps, and stops as Lightning's loops do. No results file is written."""
     if trainer.received_sigterm:
-        raise SIGTERMException(128 + signal.SIGTERM)
+        raise SIGTERMException
 
 
 class RolloutEvaluation(L.Callback):
