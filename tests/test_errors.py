@@ -94,6 +94,17 @@ def test_an_unknown_task_is_one_line_with_close_matches(
     assert line.endswith("(got ['reach', 'box-clos'])")
 
 
+def test_a_task_without_a_text_prompt_is_named_under_the_key_that_lists_it_with_a_hint(
+    model_data: ModelData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "config.yaml", model_data, tmp_path)
+    line = _fails(["fit", "--config", str(config), "--data.unseen_tasks", "[Swimmer-v5]"], capsys)
+    assert line == ("error: data.unseen_tasks: no text prompt for ['Swimmer-v5']; give one with "
+                    "--data.prompts '{Swimmer-v5: {task: ..., objective: ..., constraints: ...}}' "
+                    "(got ['Swimmer-v5'])")
+    assert _tree(tmp_path) == {"config.yaml"}
+
+
 def test_a_typo_in_a_prompt_override_is_one_line_with_close_matches(
     model_data: ModelData, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
