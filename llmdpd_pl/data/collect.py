@@ -17,7 +17,6 @@ seed, success, return, length) and the SHA-256 of its data files.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -35,18 +34,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from llmdpd_pl.data.publish import NewDataset, publish
 from llmdpd_pl.data.spec import (
-    METADATA_FILE,
     DatasetSpec,
     Kind,
     QualityLevel,
-    checksums,
     corruption,
     is_complete,
-    minari_datasets_path,
     read_metadata,
     remove_stale_staging,
-    staging_folder,
     summarize,
 )
 from llmdpd_pl.envs import check_task_names
@@ -117,9 +113,7 @@ def _init_worker(parent: int, progress: Any) -> None:
 
 
 def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
-    """Collect one (task, kind) dataset into a staging folder, then move it into place."""
-    import minari
-
+    """Collect one (task, kind) dataset and publish it (:func:`~llmdpd_pl.data.publish.publish`)."""
     from llmdpd_pl import hidden_goal
     from llmdpd_pl.envs import make_env, scripted_policy
 
@@ -138,37 +132,15 @@ def _collect_job(job: _Job, progress: Any = None) -> list[dict[str, Any]]:
             episodes.append({"task": task, "level": name, "env_seed": env_seed, "index": i, **stats})
             if (queue := progress or _PROGRESS) is not None:
                 queue.put(1)
-    root = Path(spec.root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = staging_folder(root)
+    sidecar = {"task": task, "kind": kind, "recipe": spec.recipe(kind, task), "episodes": episodes}
+    description = (f"Meta-World v3 {task}: {kind} data from the scripted policy with noise levels "
+                   + ", ".join(f"{n}={asdict(lv)}" for n, lv in levels.items()))  # fmt: skip
     try:
-        with minari_datasets_path(staging), warnings.catch_warnings():
-            # The project has no contact address beyond its code permalink, which is recorded.
-            warnings.filterwarnings("ignore", "`author_email` is set to None", UserWarning)
-            minari.create_dataset_from_buffers(
-                dataset_id=spec.dataset_id(task, kind),
-                buffer=[b for b in buffers],
-                env=env,
-                eval_env=env.spec,  # evaluation runs on the env that collected the data
-                algorithm_name=f"metaworld-scripted+noise ({kind})",
-                code_permalink="https://github.com/llmdpd-pl/llmdpd-pl",
-                author="llmdpd-pl",
-                description=f"Meta-World v3 {task}: {kind} data from the scripted policy with noise "
-                + "levels " + ", ".join(f"{n}={asdict(lv)}" for n, lv in levels.items()),
-                data_format="hdf5",
-            )
-        built = staging / spec.dataset_id(task, kind)
-        meta = {"task": task, "kind": kind, "recipe": spec.recipe(kind, task), "episodes": episodes,
-                "sha256": checksums(built)}  # fmt: skip
-        (built / METADATA_FILE).write_text(json.dumps(meta, indent=1))
-        final = root / spec.dataset_id(task, kind)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        for ns_file in (staging / "llmdpd" / "namespace_metadata.json",):
-            if ns_file.exists() and not (root / "llmdpd" / ns_file.name).exists():
-                shutil.copy(ns_file, root / "llmdpd" / ns_file.name)
-        os.rename(built, final)  # atomic on one filesystem: the dataset appears complete or not at all
+        publish(Path(spec.root).resolve(), [NewDataset(spec.dataset_id(task, kind), buffers, sidecar, {
+            "env": env, "eval_env": env.spec,  # evaluation runs on the env that collected the data
+            "algorithm_name": f"metaworld-scripted+noise ({kind})", "description": description,
+            "data_format": "hdf5"})])  # fmt: skip
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         env.close()
     return summarize(episodes, kind)
 

@@ -24,15 +24,12 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm.auto import tqdm
 
+from llmdpd_pl.data.publish import NewDataset, publish
 from llmdpd_pl.data.spec import (
-    METADATA_FILE,
     SACRecipe,
-    checksums,
     corruption,
-    minari_datasets_path,
     read_metadata,
     recipe_record,
-    staging_folder,
     summarize,
 )
 from llmdpd_pl.errors import ConfigError
@@ -139,39 +136,23 @@ def _publish(
     root: Path, env: gym.Env, sidecar: dict[str, Any],  # type: ignore[type-arg]
     datasets: list[tuple[str, str, str, list[EpisodeBuffer]]],
 ) -> list[dict[str, Any]]:
-    """Stage each ``(dataset_id, kind, level, episodes)`` with its sidecar, move them into place in order."""
-    import minari
-
+    """Publish each ``(dataset_id, kind, level, episodes)`` with its sidecar, in order; return the summary
+    rows (last dataset first)."""
     ref = reference(env.spec.id)  # type: ignore[union-attr]
-    staging, rows = staging_folder(root), list[dict[str, Any]]()
-    try:
-        with minari_datasets_path(staging):
-            for dataset_id, kind, level, episodes in datasets:
-                stats = [{"task": sidecar["task"], "level": level, "index": ep.id, "seed": ep.seed,
-                          "success": False, "return": float(np.sum(ep.rewards)), "length": len(ep.rewards),
-                          "terminated": bool(ep.terminations[-1])} for ep in episodes]
-                meta, rows = {**sidecar, "kind": kind, "episodes": stats}, summarize(stats, kind) + rows
-                minari.create_dataset_from_buffers(
-                    dataset_id=dataset_id, buffer=episodes, env=env.spec, eval_env=env.spec,
-                    algorithm_name=f"stable-baselines3 SAC, D4RL's medium-replay recipe: {meta['recipe']}",
-                    author="llmdpd-pl", author_email="https://github.com/llmdpd-pl/llmdpd-pl/issues",
-                    code_permalink="https://github.com/llmdpd-pl/llmdpd-pl", data_format="hdf5",
-                    ref_min_score=ref.min_score if ref else None,
-                    ref_max_score=ref.max_score if ref else None,
-                    description=f"{meta['task']}, {level}: "
-                    + ("replay buffer" if kind == "train" else "held out"),
-                )
-                meta["sha256"] = checksums(staging / dataset_id)
-                (staging / dataset_id / METADATA_FILE).write_text(json.dumps(meta, indent=1))
-            for ns_file in staging.rglob("namespace_metadata.json"):  # Minari's namespaces, and their folders
-                if not (target := root / ns_file.relative_to(staging)).exists():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(ns_file, target)
-            for dataset_id, *_ in datasets:
-                if not (root / dataset_id).exists():  # moved by an earlier run cut before the last move
-                    os.rename(staging / dataset_id, root / dataset_id)  # atomic on one filesystem
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    new, rows = [], list[dict[str, Any]]()
+    for dataset_id, kind, level, episodes in datasets:
+        stats = [{"task": sidecar["task"], "level": level, "index": ep.id, "seed": ep.seed, "success": False,
+                  "return": float(np.sum(ep.rewards)), "length": len(ep.rewards),
+                  "terminated": bool(ep.terminations[-1])} for ep in episodes]  # fmt: skip
+        meta, rows = {**sidecar, "kind": kind, "episodes": stats}, summarize(stats, kind) + rows
+        new.append(NewDataset(dataset_id, episodes, meta, {
+            "env": env.spec, "eval_env": env.spec, "data_format": "hdf5",
+            "algorithm_name": f"stable-baselines3 SAC, D4RL's medium-replay recipe: {meta['recipe']}",
+            "ref_min_score": ref.min_score if ref else None, "ref_max_score": ref.max_score if ref else None,
+            "description": f"{meta['task']}, {level}: "
+            + ("replay buffer" if kind == "train" else "held out"),
+        }))  # fmt: skip
+    publish(root, new)
     return rows
 
 
