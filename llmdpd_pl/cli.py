@@ -205,8 +205,8 @@ def exit_status_of_sigterm() -> Iterator[None]:
     ``SIGTERMException`` carries no status, so it would exit with 0, which schedulers read as success."""
     try:
         yield
-    except SIGTERMException as stop:
-        raise SystemExit(stop.code if isinstance(stop.code, int) else 128 + signal.SIGTERM) from None
+    except SIGTERMException:
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 def given_model_keys(argv: list[str]) -> set[str]:

@@ -55,7 +55,11 @@ class Provenance(L.Callback):
 
 def train_record(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """``train_commit`` and ``train_provenance`` of a loaded checkpoint (None and [] if it has none)."""
-    segments = checkpoint.get("callbacks", {}).get("Provenance", {}).get("segments", [])
+    return _trained(checkpoint.get("callbacks", {}).get("Provenance", {}).get("segments", []))
+
+
+def _trained(segments: list[dict[str, Any]]) -> dict[str, Any]:
+    """``train_commit`` (the last segment's) and ``train_provenance`` of a checkpoint's segments."""
     return {"train_commit": segments[-1]["commit"] if segments else None, "train_provenance": segments}
 
 
@@ -65,11 +69,9 @@ def run_record(callbacks: Sequence[L.Callback]) -> dict[str, Any]:
     ``Provenance`` segment, the last one; None without a ``Provenance`` callback)."""
     provenance = next((cb for cb in callbacks if isinstance(cb, Provenance)), None)
     timer = next((cb for cb in callbacks if isinstance(cb, Timer)), None)
-    trained = provenance.segments[:-1] if provenance is not None else []
     return {
         "commit": git_commit(),
         "train_seconds": timer.time_elapsed("train") if timer is not None else None,
-        "train_commit": trained[-1]["commit"] if trained else None,
-        "train_provenance": trained,
+        **_trained(provenance.segments[:-1] if provenance is not None else []),
         "config": provenance.segments[-1]["config"] if provenance is not None else None,
     }
